@@ -1,0 +1,156 @@
+"""Adapters: everything model-specific lives here, one file per family.
+
+An adapter knows where a family keeps its vision tower, projector and decoder, how to read the visual tokens
+that ``get_image_features`` produced (and in which order they fill the ``<image>`` placeholders), how to rebuild
+rotary position embeddings for new position ids, and how to capture the signals a method declares.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+
+class UnsupportedModelError(TypeError):
+    """The model's family has no adapter, or the family cannot serve a method's stage."""
+
+
+@dataclass
+class FeatureRecord:
+    """What one ``get_image_features`` call produced, captured by the sieve."""
+
+    features: list[torch.Tensor]  # per image [n_i, D], in placeholder order
+    call_kwargs: dict = field(default_factory=dict)
+    projector_input: torch.Tensor | None = None  # family-specific layout, see the adapter
+    vision_output: object = None  # raw output of the vision tower call (Qwen: pre-merger patches)
+    vision_qk: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # layer -> q/k/v [crops, T, H, d]
+    vision_hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [crops, T, d_v]
+
+
+@dataclass
+class ImageTokens:
+    """One image's visual tokens, in placeholder order, with what pre-LLM methods may read."""
+
+    features: torch.Tensor  # [n, D]
+    grid_rc: torch.Tensor  # [n, 2]
+    grid_hw: tuple[int, int]
+    groups: torch.Tensor  # [n] crop id
+    always_keep: torch.Tensor  # [n] bool
+    pre_features: torch.Tensor | None = None  # [n, d_in]
+    crops: list[int] = field(default_factory=list)  # rows of the vision tensors (crops) owned by this image
+    vision_patch_index: torch.Tensor | None = None  # [n] patch row inside its crop's vision tensors
+    sample: int = -1
+    image: int = -1
+    positions: torch.Tensor | None = None  # [n] positions in the prompt
+    record: FeatureRecord | None = None  # the capture this image came from
+
+
+def square_grid(n: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Row/col of ``n`` tokens laid out row-major on the smallest square grid that holds them."""
+    side = max(1, math.isqrt(n))
+    if side * side < n:
+        side += 1
+    idx = torch.arange(n)
+    return torch.stack([idx // side, idx % side], dim=1), (side, side)
+
+
+class Adapter:
+    """Base adapter. Subclasses set ``family`` and ``model_classes`` and implement the image layout."""
+
+    family: ClassVar[str] = ""
+    model_classes: ClassVar[tuple[str, ...]] = ()
+    supports_vision_qk: ClassVar[bool] = False
+    mrope: ClassVar[bool] = False  # 3-D multimodal rotary positions (Qwen2-VL family)
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.base = model.model
+        self.text_model = self.base.language_model
+        self.layers = self.text_model.layers
+        self.config = model.config
+        self.image_token_id = int(self.config.image_token_id)
+
+    # ----- structure -------------------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    def projector_module(self) -> nn.Module:
+        raise NotImplementedError
+
+    def project_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The projector M as a function of per-token pre-features [m, d_in] -> [m, D]."""
+        return self.projector_module()
+
+    def vision_attention_layers(self) -> list[nn.Module]:
+        return []
+
+    def attn_implementation(self) -> str:
+        return str(getattr(self.text_model.config, "_attn_implementation", None) or "eager")
+
+    # ----- rotary ----------------------------------------------------------------------------------------
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) for ``position_ids`` [B, L] (or [3, B, L] for M-RoPE), as the decoder computes them."""
+        return self.text_model.rotary_emb(hidden, position_ids)
+
+    def rotate_qk(self, layer: int, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Apply the family's RoPE to captured q [B, H, L, d] and k [B, H_kv, L, d]."""
+        attn = self.layers[layer].self_attn
+        apply = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        return apply(q, k, cos, sin)
+
+    def qk_projections(self, layer: int) -> tuple[nn.Module, nn.Module, int, int, int]:
+        attn = self.layers[layer].self_attn
+        cfg = self.text_model.config
+        heads = cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(attn, "head_dim", None) or cfg.hidden_size // heads
+        return attn.q_proj, attn.k_proj, heads, kv_heads, head_dim
+
+    def embed_tokens(self) -> nn.Module:
+        return self.base.get_input_embeddings()
+
+    # ----- the visual tokens -------------------------------------------------------------------------------
+    def image_features_output(self, output) -> list[torch.Tensor]:
+        pooled = output.pooler_output if hasattr(output, "pooler_output") else output
+        return list(pooled)
+
+    def image_tokens(self, record: FeatureRecord) -> list[ImageTokens]:
+        """Per image, in placeholder order: features, grid layout, pre-projector features."""
+        raise NotImplementedError
+
+
+_ADAPTERS: list[type[Adapter]] = []
+
+
+def register_adapter(cls: type[Adapter]) -> type[Adapter]:
+    _ADAPTERS.append(cls)
+    return cls
+
+
+def supported_families() -> list[str]:
+    _load()
+    return [f"{a.family} ({', '.join(a.model_classes)})" for a in _ADAPTERS]
+
+
+def get_adapter(model: nn.Module) -> Adapter:
+    """The adapter for ``model``, chosen by its class (and so by its config), never by hard-coded offsets."""
+    _load()
+    names = {cls.__name__ for cls in type(model).__mro__}
+    for adapter in _ADAPTERS:
+        if names & set(adapter.model_classes):
+            return adapter(model)
+    raise UnsupportedModelError(
+        f"{type(model).__name__} is not a supported model family. Supported: {'; '.join(supported_families())}. "
+        f"Load the model with its *ForConditionalGeneration class (e.g. LlavaForConditionalGeneration)."
+    )
+
+
+def _load() -> None:
+    from . import llava, llava_next, qwen2_vl  # noqa: F401

@@ -1,0 +1,79 @@
+"""LLaVA-NeXT (``LlavaNextForConditionalGeneration``): anyres crops, unpadding, ``image_newline`` tokens.
+
+The order in which crop tokens fill the placeholders is computed by running the model's own
+``pack_image_features`` on index tensors, so the adapter never re-implements the unpad arithmetic.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+from .base import FeatureRecord, ImageTokens, register_adapter
+from .llava import LlavaAdapter
+
+
+@register_adapter
+class LlavaNextAdapter(LlavaAdapter):
+    family = "llava_next"
+    model_classes = ("LlavaNextForConditionalGeneration",)
+
+    def projector_module(self) -> nn.Module:
+        return self.base.multi_modal_projector
+
+    def image_tokens(self, record: FeatureRecord) -> list[ImageTokens]:
+        image_sizes = record.call_kwargs["image_sizes"]
+        vision_cfg = self.config.vision_config
+        num_patches = [
+            image_size_to_num_patches(
+                image_size=size,
+                grid_pinpoints=self.config.image_grid_pinpoints,
+                patch_size=vision_cfg.image_size,
+            )
+            for size in image_sizes
+        ]
+        x = record.projector_input  # [sum(num_patches), N, d_in]
+        n_per_crop = x.shape[1] if x is not None else (vision_cfg.image_size // vision_cfg.patch_size) ** 2
+        side = vision_cfg.image_size // vision_cfg.patch_size
+        # Index tensors through the model's own packing: value = crop * N + patch, newline = -1.
+        index_feats = [
+            torch.arange(n * n_per_crop, dtype=torch.float64).view(n, n_per_crop, 1) for n in num_patches
+        ]
+        packed, _ = self.base.pack_image_features(
+            index_feats,
+            image_sizes,
+            vision_feature_select_strategy=self._select_strategy(record),
+            image_newline=torch.tensor([-1.0], dtype=torch.float64),
+        )
+        has_cls_offset = 1 if self._select_strategy(record) == "default" else 0
+        images, crop_offset = [], 0
+        for i, (f, flat) in enumerate(zip(record.features, packed, strict=True)):
+            device = f.device
+            flat = flat[:, 0].round().long().to(device)
+            newline = flat < 0
+            safe = flat.clamp(min=0)
+            crop = torch.where(newline, torch.full_like(flat, -1), safe // n_per_crop)
+            patch = safe % n_per_crop
+            rc = torch.stack([patch // side, patch % side], dim=1)
+            rc[newline] = -1
+            pre = None
+            if x is not None:
+                crops_x = x[crop_offset : crop_offset + num_patches[i]].reshape(-1, x.shape[-1])
+                pre = crops_x[safe]
+                pre[newline] = 0.0
+            groups = crop.clamp(min=0)
+            images.append(
+                ImageTokens(
+                    features=f,
+                    grid_rc=rc,
+                    grid_hw=(side, side),
+                    groups=groups,
+                    always_keep=newline,
+                    pre_features=pre,
+                    crops=list(range(crop_offset, crop_offset + num_patches[i])),
+                    vision_patch_index=patch + has_cls_offset,
+                )
+            )
+            crop_offset += num_patches[i]
+        return images

@@ -1,0 +1,78 @@
+"""One budget vocabulary for every method.
+
+``keep`` is either a token count per image (``int``, e.g. ``64``) or a fraction of that image's visual tokens
+(``float`` in ``(0, 1]``, e.g. ``0.111``). The one rounding rule is ``int(ratio * n)`` (as in the ZOO-Prune and
+DivPrune code: 0.1112 * 576 = 64), never less than one token.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Integral, Real
+
+Keep = int | float
+
+
+class BudgetError(ValueError):
+    """A ``keep`` value that cannot be turned into a token count."""
+
+
+def validate_keep(keep: object, name: str = "keep") -> Keep:
+    """Check the type and range of a budget before any forward pass and return it unchanged."""
+    if isinstance(keep, bool) or not isinstance(keep, Real):
+        raise BudgetError(
+            f"{name}={keep!r} is not a number: pass a token count per image (int, e.g. 64) "
+            f"or a fraction of each image's tokens (float in (0, 1], e.g. 0.111)."
+        )
+    if isinstance(keep, Integral):
+        if keep <= 0:
+            raise BudgetError(f"{name}={keep} must be a positive token count (e.g. 64) or a fraction in (0, 1].")
+        return int(keep)
+    if not math.isfinite(keep) or not 0.0 < float(keep) <= 1.0:
+        raise BudgetError(
+            f"{name}={keep} is a float, so it is read as a fraction of each image's tokens and must lie in (0, 1]; "
+            f"pass an int for a token count."
+        )
+    return float(keep)
+
+
+def resolve_keep(keep: Keep, n_tokens: int, *, strict: bool = True) -> int:
+    """Turn ``keep`` into a count for one image of ``n_tokens`` visual tokens.
+
+    A count larger than ``n_tokens`` raises when ``strict`` (the user asked for more tokens than the image has);
+    otherwise it is clipped, which is what later stages of a multi-stage pipeline want.
+    """
+    keep = validate_keep(keep)
+    if n_tokens <= 0:
+        return 0
+    if isinstance(keep, int):
+        if keep > n_tokens and strict:
+            raise BudgetError(
+                f"keep={keep} exceeds the {n_tokens} visual tokens of this image; pass keep <= {n_tokens} "
+                f"or a fraction such as keep={min(1.0, round(keep / n_tokens, 3)) if keep else 0.5}."
+            )
+        return min(keep, n_tokens)
+    return max(1, min(n_tokens, int(keep * n_tokens)))
+
+
+def layer_average_to_stage_count(average: float, n_tokens: int, n_layers: int, prune_layer: int) -> int:
+    """Convert a FLOPs-equivalent (layer-averaged) budget into the count kept from ``prune_layer`` on.
+
+    A method that keeps all ``n_tokens`` for the first ``prune_layer`` layers and ``s`` tokens afterwards has a
+    layer average of ``(prune_layer * n_tokens + (n_layers - prune_layer) * s) / n_layers``. Solving for ``s``
+    gives the formula used by EntropyPrune: ``s = (L * avg - K * N) / (L - K)``, clipped to ``[1, N]``.
+    """
+    if not 0 <= prune_layer < n_layers:
+        raise BudgetError(f"prune_layer={prune_layer} must lie in [0, {n_layers - 1}] for a {n_layers}-layer model.")
+    stage = (n_layers * average - prune_layer * n_tokens) / (n_layers - prune_layer)
+    return int(max(1, min(n_tokens, round(stage))))
+
+
+def stages_layer_average(counts: list[int], layers: list[int], n_tokens: int, n_layers: int) -> float:
+    """Layer-averaged visual-token count of a schedule that keeps ``counts[s]`` from ``layers[s]`` on."""
+    total, current, start = 0.0, n_tokens, 0
+    for layer, count in zip(layers, counts, strict=True):
+        total += (layer - start) * current
+        current, start = count, layer
+    total += (n_layers - start) * current
+    return total / n_layers
