@@ -85,11 +85,41 @@ class ImageContext:
 
 
 @dataclass
+class LayerCapture:
+    """Signals of one decoder layer for one sample, in that layer's own layout.
+
+    ``cols`` [L_j] are the original prompt columns of the layer's rows (the layout may already be pruned),
+    ``valid`` [L_j] marks real tokens. ``queries`` [H, L_j, d] / ``keys`` [H_kv, L_j, d] are after RoPE;
+    ``hidden`` [L_j, D] is the layer's input; ``attn_in``/``attn_out``/``mlp_in``/``mlp_out`` [L_j, D] are the
+    normed inputs and outputs of its attention and MLP sub-blocks (TransPrune's token transition).
+    """
+
+    cols: torch.Tensor
+    valid: torch.Tensor
+    queries: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+    attn_in: torch.Tensor | None = None
+    attn_out: torch.Tensor | None = None
+    mlp_in: torch.Tensor | None = None
+    mlp_out: torch.Tensor | None = None
+
+    def rows(self, cols: torch.Tensor) -> torch.Tensor:
+        """Rows of this layout holding the given original columns (-1 where absent)."""
+        size = int(max(int(self.cols.max()), int(cols.max()))) + 1
+        lookup = torch.full((size,), -1, dtype=torch.long, device=self.cols.device)
+        lookup[self.cols[self.valid]] = torch.nonzero(self.valid).flatten()
+        return lookup[cols.to(self.cols.device)]
+
+
+@dataclass
 class LLMContext:
     """In-LLM context of one image at decoder layer ``layer`` (the stage prunes from this layer on).
 
-    ``hidden`` holds the image's candidates at the input of ``layer``. Attention rows are recomputed from the
-    queries and keys of layer ``layer - 1`` after RoPE (captured by hooks), never from ``output_attentions``.
+    Tokens are addressed by their original prompt column: ``image_cols`` [n] (the image's candidates, in order),
+    ``text_cols`` [t] (the sample's text tokens), ``last_col`` (the last prompt token). ``hidden`` [n, D] holds
+    the candidates at the input of ``layer``. Attention rows are recomputed from captured queries and keys after
+    RoPE (``layers[j]``, by default ``j = layer - 1``), never from ``output_attentions``.
     """
 
     sample: int
@@ -100,15 +130,13 @@ class LLMContext:
     token_index: torch.Tensor  # [n] indices into the image's original token order
     hidden: torch.Tensor  # [n, D]
     text_hidden: torch.Tensor  # [t, D] hidden states of the sample's text tokens at the same layer
+    image_cols: torch.Tensor  # [n]
+    text_cols: torch.Tensor  # [t]
     text_after_image: torch.Tensor  # [t] bool: text token lies after this image (the instruction)
-    queries: torch.Tensor | None = None  # [H, L_s, d] layer-1 queries after RoPE of the whole sample
-    keys: torch.Tensor | None = None  # [H_kv, L_s, d]
-    key_valid: torch.Tensor | None = None  # [L_s] bool
-    positions_in_sample: torch.Tensor | None = None  # [n] rows of this image inside the sample's tensors
-    text_positions_in_sample: torch.Tensor | None = None  # [t] rows of the text tokens
-    last_position_in_sample: int = -1  # row of the last prompt token
+    last_col: int
+    layers: dict[int, LayerCapture] = field(default_factory=dict)
     stage_index: int = 0  # which of the method's layers this is
-    previous_hidden: torch.Tensor | None = None  # [n, D] image candidates at the input of layer - 1
+    norm: Callable[[torch.Tensor], torch.Tensor] | None = None  # the decoder's final norm
     seed: int | None = None
     extra: dict = field(default_factory=dict)
 
@@ -121,23 +149,36 @@ class LLMContext:
             int(seed) * 1_000_003 + self.sample * 1009 + self.image * 7 + self.layer
         )
 
-    def attention_from(self, query_rows: torch.Tensor) -> torch.Tensor:
-        """Attention [H, q, n] from the given sample rows (queries of layer - 1) to this image's candidates."""
-        if self.queries is None or self.keys is None:
-            raise RuntimeError("this method did not declare 'attention' in needs, so no queries were captured")
-        q = self.queries[:, query_rows][None]
-        qpos = query_rows[None]
-        probs = attention_rows(q, self.keys[None], key_mask=self.key_valid[None], query_positions=qpos)[0]
-        return probs[:, :, self.positions_in_sample]
+    def capture(self, layer: int | None = None) -> LayerCapture:
+        layer = self.layer - 1 if layer is None else layer
+        if layer not in self.layers:
+            raise RuntimeError(
+                f"layer {layer} was not captured; declare it in the method's capture_layers() and its signal in needs"
+            )
+        return self.layers[layer]
 
-    def last_token_attention(self) -> torch.Tensor:
+    def attention_from(self, query_cols: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """Attention [H, q, n] from the given prompt columns to this image's candidates at ``layer``."""
+        cap = self.capture(layer)
+        if cap.queries is None or cap.keys is None:
+            raise RuntimeError("no queries were captured: declare 'attention' in the method's needs")
+        q_rows = cap.rows(query_cols)
+        q = cap.queries[:, q_rows][None]
+        probs = attention_rows(q, cap.keys[None], key_mask=cap.valid[None], query_positions=q_rows[None])[0]
+        return probs[:, :, cap.rows(self.image_cols)]
+
+    def last_token_attention(self, layer: int | None = None) -> torch.Tensor:
         """Head-averaged attention [n] of the last prompt token to this image (FastV, PDrop)."""
-        rows = torch.tensor([self.last_position_in_sample], device=self.hidden.device)
-        return self.attention_from(rows).mean(0)[0]
+        cols = torch.tensor([self.last_col], device=self.hidden.device)
+        return self.attention_from(cols, layer).mean(0)[0]
 
-    def instruction_attention(self) -> torch.Tensor:
+    def instruction_attention(self, layer: int | None = None) -> torch.Tensor:
         """Head- and row-averaged attention [n] of the text tokens after the image (the instruction)."""
-        rows = self.text_positions_in_sample[self.text_after_image]
-        if rows.numel() == 0:
-            rows = torch.tensor([self.last_position_in_sample], device=self.hidden.device)
-        return self.attention_from(rows).mean(0).mean(0)
+        cols = self.text_cols[self.text_after_image]
+        if cols.numel() == 0:
+            cols = torch.tensor([self.last_col], device=self.hidden.device)
+        return self.attention_from(cols, layer).mean(0).mean(0)
+
+    def image_rows(self, layer: int | None = None) -> torch.Tensor:
+        """Rows of this image's candidates in a captured layer's tensors."""
+        return self.capture(layer).rows(self.image_cols)

@@ -29,7 +29,7 @@ from torch import nn
 
 from .adapters.base import Adapter, FeatureRecord, ImageTokens, UnsupportedModelError, get_adapter
 from .budget import Keep
-from .context import ImageContext, LLMContext, Selection, VisionSignals
+from .context import ImageContext, LayerCapture, LLMContext, Selection, VisionSignals
 from .methods.base import Method, MethodError, make_method
 from .trace import StageRecord, Trace
 
@@ -69,9 +69,7 @@ class _Request:
     decode_positions: torch.Tensor | None = None  # [B, q] or [3, B, q] original positions of this decode call
     prefill: bool = True
     decoded: int = 0  # tokens fed after the prompt so far (including the current call)
-    captured_qk: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
-    captured_hidden: dict[int, torch.Tensor] = field(default_factory=dict)
-    layer_cos_sin: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    captures: dict[int, dict[str, object]] = field(default_factory=dict)  # layer -> raw batch signals
 
     @property
     def batch(self) -> int:
@@ -172,12 +170,19 @@ class Sieve:
                 for layer in m.vision_layers(len(self.adapter.vision_attention_layers()))
             }
         )
-        self.attention_layers = sorted(
-            layer - 1 for layer, ms in self.llm_stages.items() if any("attention" in m.needs for m in ms)
-        )
-        self.hidden_layers = sorted(
-            layer - 1 for layer, ms in self.llm_stages.items() if any("previous_hidden" in m.needs for m in ms)
-        )
+        # Decoder layers whose signals some llm stage reads: layer -> set of signals.
+        self.capture_plan: dict[int, set[str]] = {}
+        for layer, stage_methods in self.llm_stages.items():
+            for m in stage_methods:
+                wanted = {"attention", "layer_hidden", "sublayer_io"} & set(m.needs)
+                if not wanted:
+                    continue
+                for j in m.capture_layers(layer, n_layers):
+                    if not 0 <= j < layer:
+                        raise MethodError(
+                            f"{m.name} at layer {layer} asks for signals of layer {j}; use 0 <= j < {layer}"
+                        )
+                    self.capture_plan.setdefault(j, set()).update(wanted)
 
     # ----- context manager -------------------------------------------------------------------------------------
     def __enter__(self) -> Sieve:
@@ -248,10 +253,15 @@ class Sieve:
         self._handles.append(text.register_forward_hook(self._on_text_output))
         for i, layer in enumerate(self.adapter.layers):
             self._handles.append(layer.register_forward_pre_hook(self._make_layer_hook(i), with_kwargs=True))
-        for i in self.attention_layers:
-            q_proj, k_proj, *_ = self.adapter.qk_projections(i)
-            self._handles.append(q_proj.register_forward_hook(self._make_qk_hook(i, "q")))
-            self._handles.append(k_proj.register_forward_hook(self._make_qk_hook(i, "k")))
+        for i, signals in self.capture_plan.items():
+            modules: dict[str, nn.Module] = {}
+            if "attention" in signals:
+                q_proj, k_proj, *_ = self.adapter.qk_projections(i)
+                modules.update(q=q_proj, k=k_proj)
+            if "sublayer_io" in signals:
+                modules.update(self.adapter.sublayers(i))
+            for name, module in modules.items():
+                self._handles.append(module.register_forward_hook(self._make_capture_hook(i, name)))
 
     # ----- capture hooks -----------------------------------------------------------------------------------------
     def _capture_projector_input(self, module, args, output) -> None:
@@ -263,34 +273,14 @@ class Sieve:
             self._recording.vision_output = output
 
     def _install_vision_capture(self) -> None:
-        attn_layers = self.adapter.vision_attention_layers()
-        enc_layers = self.adapter.vision_encoder_layers()
-        for layer in self.vision_layers:
-            attn = attn_layers[layer]
-            heads = attn.num_heads if hasattr(attn, "num_heads") else attn.config.num_attention_heads
-            for name in ("q", "k", "v"):
-                proj = getattr(attn, f"{name}_proj")
+        self._handles.extend(self.adapter.install_vision_capture(self.vision_layers, lambda: self._recording))
 
-                def hook(module, args, output, layer=layer, name=name, heads=heads):
-                    if self._recording is not None:
-                        b, t, _ = output.shape
-                        value = output.detach().view(b, t, heads, -1)
-                        self._recording.vision_qk.setdefault(layer, {})[name] = value
-
-                self._handles.append(proj.register_forward_hook(hook))
-
-            def hidden_hook(module, args, output, layer=layer):
-                if self._recording is not None:
-                    value = output[0] if isinstance(output, tuple) else output
-                    self._recording.vision_hidden[layer] = value.detach()
-
-            self._handles.append(enc_layers[layer].register_forward_hook(hidden_hook))
-
-    def _make_qk_hook(self, layer: int, name: str):
+    def _make_capture_hook(self, layer: int, name: str):
         def hook(module, args, output):
             request = self._request
             if request is not None and request.prefill:
-                request.captured_qk.setdefault(layer, {})[name] = output.detach()
+                value = output[0] if isinstance(output, tuple) else output
+                request.captures.setdefault(layer, {})[name] = value.detach()
 
         return hook
 
@@ -324,7 +314,9 @@ class Sieve:
                 self._pending.clear()
                 return None
             mask = kwargs.get("attention_mask")
-            valid = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask[:, -input_ids.shape[1] :].bool()
+            valid = (
+                torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask[:, -input_ids.shape[1] :].bool()
+            )
             self._request = _Request(input_ids=input_ids, valid=valid)
         elif self._request is not None:
             self._request.prefill = False
@@ -414,12 +406,15 @@ class Sieve:
                 hidden = self._run_pre_llm(request, hidden)
         if index in self.llm_stages:
             hidden = self._run_llm_stage(request, index, hidden)
-        if index in self.hidden_layers:
-            request.captured_hidden[index] = hidden.detach()
         segment = self._segment_for(request, index)
+        if index in self.capture_plan:
+            request.captures[index] = {
+                "cols": request.cols,
+                "valid": request.layout_valid,
+                "hidden": hidden.detach(),
+                "cos_sin": kwargs["position_embeddings"] if segment is None else None,
+            }
         if segment is None:
-            if index in self.attention_layers:
-                request.layer_cos_sin[index] = kwargs["position_embeddings"]
             return None
         if segment.cos_sin is None:
             segment.cos_sin = self.adapter.rotary(hidden, segment.positions)
@@ -430,8 +425,8 @@ class Sieve:
         if "position_ids" in new_kwargs and new_kwargs["position_ids"] is not None:
             pos = segment.positions
             new_kwargs["position_ids"] = pos if pos.dim() == 2 else pos[0]
-        if index in self.attention_layers:
-            request.layer_cos_sin[index] = segment.cos_sin
+        if index in self.capture_plan:
+            request.captures[index]["cos_sin"] = segment.cos_sin
         if args:
             return (hidden, *args[1:]), new_kwargs
         new_kwargs["hidden_states"] = hidden
@@ -453,7 +448,9 @@ class Sieve:
         query_order = lc + n_new - q_len + torch.arange(q_len, device=hidden.device)
         allowed = (key_order[None, :] <= query_order[:, None])[None] & keys_valid[:, None, :]
         new_kwargs = dict(kwargs)
-        new_kwargs["attention_mask"] = self._format_mask(allowed, keys_valid, kwargs.get("attention_mask"), hidden.dtype)
+        new_kwargs["attention_mask"] = self._format_mask(
+            allowed, keys_valid, kwargs.get("attention_mask"), hidden.dtype
+        )
         if bool((segment.decode_offset != 0).any()):
             pos = request.decode_positions
             offset = segment.decode_offset
@@ -592,7 +589,7 @@ class Sieve:
                 if k < cand.numel():
                     ctx = self._image_context(request, img, cand, features)
                     result = method.select(ctx, k)
-                    chosen, replace_at, replace_with = self._check_selection(method, result, cand.numel())
+                    chosen, replace_at, replace_with = self._check_selection(method, result, cand.numel(), k)
                     if replace_at is not None:
                         hidden[img.sample, img.positions[cand[replace_at]]] = replace_with.to(hidden.dtype)
                     drop = torch.ones(cand.numel(), dtype=torch.bool, device=cand.device)
@@ -606,47 +603,45 @@ class Sieve:
 
     def _run_llm_stage(self, request: _Request, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         keep_rows = request.layout_valid.clone()
+        n_layers = self.adapter.n_layers
         for method in self.llm_stages[layer]:
-            stage_index = method.llm_layers(self.adapter.n_layers).index(layer)
+            stage_index = method.llm_layers(n_layers).index(layer)
             record = StageRecord(name=method.name, layer=layer)
-            qk = self._rotated_qk(request, layer - 1) if "attention" in method.needs else None
+            wanted = {"attention", "layer_hidden", "sublayer_io"} & set(method.needs)
+            batch_captures = {
+                j: self._batch_capture(request, j, "attention" in method.needs)
+                for j in (method.capture_layers(layer, n_layers) if wanted else [])
+            }
             for img in request.images:
                 b = img.sample
-                rows_of_image = self._rows_of(request, b, img.positions)  # [n_cur] rows in current layout, -1 gone
-                present = rows_of_image >= 0
-                present &= keep_rows[b, rows_of_image.clamp(min=0)]
+                rows_of_image = self._rows_of(request, b, img.positions)  # [n] rows in the layout, -1 if gone
+                present = (rows_of_image >= 0) & keep_rows[b, rows_of_image.clamp(min=0)]
                 cand = torch.nonzero(present).flatten()
                 rows = rows_of_image[cand]
-                k = method.budget(
-                    int(img.features.shape[0]), stage_index=stage_index, n_layers=self.adapter.n_layers
-                )
+                k = method.budget(int(img.features.shape[0]), stage_index=stage_index, n_layers=n_layers)
                 if k < cand.numel():
                     text_rows = self._text_rows(request, b)
-                    last_row = int(torch.nonzero(request.layout_valid[b]).max())
+                    text_cols = request.cols[b, text_rows]
                     ctx = LLMContext(
                         sample=b,
                         image=img.image,
                         layer=layer,
-                        n_layers=self.adapter.n_layers,
+                        n_layers=n_layers,
                         n_tokens=int(img.features.shape[0]),
                         token_index=cand,
                         hidden=hidden[b, rows],
                         text_hidden=hidden[b, text_rows],
-                        text_after_image=request.cols[b, text_rows] > img.positions.max(),
-                        queries=None if qk is None else qk[0][b],
-                        keys=None if qk is None else qk[1][b],
-                        key_valid=request.layout_valid[b],
-                        positions_in_sample=rows,
-                        text_positions_in_sample=text_rows,
-                        last_position_in_sample=last_row,
+                        image_cols=img.positions[cand],
+                        text_cols=text_cols,
+                        text_after_image=text_cols > img.positions.max(),
+                        last_col=int(request.cols[b][request.layout_valid[b]].max()),
+                        layers={j: self._sample_capture(cap, b) for j, cap in batch_captures.items()},
                         stage_index=stage_index,
-                        previous_hidden=(
-                            request.captured_hidden[layer - 1][b, rows] if layer - 1 in request.captured_hidden else None
-                        ),
+                        norm=getattr(self.adapter.text_model, "norm", None),
                         seed=self.seed,
                     )
                     result = method.select(ctx, k)
-                    chosen, replace_at, replace_with = self._check_selection(method, result, cand.numel())
+                    chosen, replace_at, replace_with = self._check_selection(method, result, cand.numel(), k)
                     if replace_at is not None:
                         hidden = hidden.clone()
                         hidden[b, rows[replace_at]] = replace_with.to(hidden.dtype)
@@ -660,6 +655,39 @@ class Sieve:
             self.trace.stages.append(record)
         policy = self._policy(self.llm_stages[layer][-1])
         return self._compact(request, layer, keep_rows, policy, hidden)
+
+    def _batch_capture(self, request: _Request, layer: int, rotate: bool) -> dict:
+        raw = request.captures.get(layer)
+        if raw is None:
+            raise RuntimeError(f"tokensieve: signals of decoder layer {layer} were not captured")
+        out = dict(raw)
+        if rotate:
+            _, _, heads, kv_heads, head_dim = self.adapter.qk_projections(layer)
+            q, k = raw["q"], raw["k"]
+            b, length, _ = q.shape
+            q = q.view(b, length, heads, head_dim).transpose(1, 2)
+            k = k.view(b, length, kv_heads, head_dim).transpose(1, 2)
+            cos, sin = raw["cos_sin"]
+            out["q"], out["k"] = self.adapter.rotate_qk(layer, q, k, cos, sin)
+        return out
+
+    @staticmethod
+    def _sample_capture(cap: dict, b: int) -> LayerCapture:
+        def row(name):
+            value = cap.get(name)
+            return None if value is None else value[b]
+
+        return LayerCapture(
+            cols=cap["cols"][b],
+            valid=cap["valid"][b],
+            queries=row("q"),
+            keys=row("k"),
+            hidden=row("hidden"),
+            attn_in=row("attn_in"),
+            attn_out=row("attn_out"),
+            mlp_in=row("mlp_in"),
+            mlp_out=row("mlp_out"),
+        )
 
     def _policy(self, method: Method) -> str:
         """The method's position policy; on M-RoPE families the default is ``original`` (sliced 3-D ids), as in
@@ -687,27 +715,16 @@ class Sieve:
         ids = request.input_ids[b, request.cols[b]]
         return torch.nonzero(request.layout_valid[b] & (ids != self.adapter.image_token_id)).flatten()
 
-    def _rotated_qk(self, request: _Request, layer: int):
-        captured = request.captured_qk.get(layer)
-        if not captured or "q" not in captured or "k" not in captured:
-            raise RuntimeError(f"tokensieve: queries/keys of layer {layer} were not captured")
-        _, _, heads, kv_heads, head_dim = self.adapter.qk_projections(layer)
-        q, k = captured["q"], captured["k"]
-        b, length, _ = q.shape
-        q = q.view(b, length, heads, head_dim).transpose(1, 2)
-        k = k.view(b, length, kv_heads, head_dim).transpose(1, 2)
-        cos, sin = request.layer_cos_sin[layer]
-        return self.adapter.rotate_qk(layer, q, k, cos, sin)
-
     @staticmethod
-    def _check_selection(method: Method, result, n: int):
+    def _check_selection(method: Method, result, n: int, k: int):
         replace_at = replace_with = None
         if isinstance(result, Selection):
             replace_at, replace_with = result.replace_at, result.replace_with
             result = result.keep
         chosen = torch.as_tensor(result).flatten().long()
         if chosen.numel() == 0:
-            raise RuntimeError(f"tokensieve: {method.name} kept no token")
+            if k == 0:  # a budget of zero drops the whole image (ToDRE's late layers)
+                return chosen, None, None
         if int(chosen.min()) < 0 or int(chosen.max()) >= n:
             raise RuntimeError(f"tokensieve: {method.name} returned an index outside [0, {n})")
         chosen = torch.unique(chosen)  # sorted: kept tokens stay in their original order

@@ -91,6 +91,36 @@ class Adapter:
     def vision_attention_layers(self) -> list[nn.Module]:
         return []
 
+    def vision_encoder_layers(self) -> list[nn.Module]:
+        return []
+
+    def install_vision_capture(self, layers: list[int], sink: Callable[[], FeatureRecord | None]) -> list:
+        """Hook the vision tower so that each call stores q/k/v [crops, T, H, d] and the output hidden states
+        [crops, T, d_v] of ``layers`` into ``sink()`` (the record being captured). Returns the hook handles."""
+        attn_layers, enc_layers = self.vision_attention_layers(), self.vision_encoder_layers()
+        handles = []
+        for layer in layers:
+            attn = attn_layers[layer]
+            heads = attn.num_heads if hasattr(attn, "num_heads") else attn.config.num_attention_heads
+            for name in ("q", "k", "v"):
+
+                def hook(module, args, output, layer=layer, name=name, heads=heads):
+                    record = sink()
+                    if record is not None:
+                        b, t, _ = output.shape
+                        record.vision_qk.setdefault(layer, {})[name] = output.detach().view(b, t, heads, -1)
+
+                handles.append(getattr(attn, f"{name}_proj").register_forward_hook(hook))
+
+            def hidden_hook(module, args, output, layer=layer):
+                record = sink()
+                if record is not None:
+                    value = output[0] if isinstance(output, tuple) else output
+                    record.vision_hidden[layer] = value.detach()
+
+            handles.append(enc_layers[layer].register_forward_hook(hidden_hook))
+        return handles
+
     def attn_implementation(self) -> str:
         return str(getattr(self.text_model.config, "_attn_implementation", None) or "eager")
 
@@ -112,6 +142,16 @@ class Adapter:
         kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
         head_dim = getattr(attn, "head_dim", None) or cfg.hidden_size // heads
         return attn.q_proj, attn.k_proj, heads, kv_heads, head_dim
+
+    def sublayers(self, layer: int) -> dict[str, nn.Module]:
+        """Modules whose outputs are the normed inputs and the outputs of the attention and MLP blocks."""
+        block = self.layers[layer]
+        return {
+            "attn_in": block.input_layernorm,
+            "attn_out": block.self_attn,
+            "mlp_in": block.post_attention_layernorm,
+            "mlp_out": block.mlp,
+        }
 
     def embed_tokens(self) -> nn.Module:
         return self.base.get_input_embeddings()

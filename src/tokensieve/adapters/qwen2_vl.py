@@ -57,7 +57,7 @@ class Qwen2VLAdapter(Adapter):
                 grouped = grouped[torch.argsort(window_index).to(grouped.device)]
             pre = grouped
         images, offset = [], 0
-        for f, (t, h, w) in zip(record.features, grid_thw.tolist(), strict=True):
+        for f, (_, h, w) in zip(record.features, grid_thw.tolist(), strict=True):
             n = f.shape[0]
             gh, gw = int(h) // merge, int(w) // merge
             idx = torch.arange(n, device=f.device) % (gh * gw)

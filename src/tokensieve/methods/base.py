@@ -29,8 +29,9 @@ SIGNALS = {
     "vision_qk": "queries/keys of chosen vision-tower layers (attention recomputed from them)",
     "vision_hidden": "hidden states of chosen vision-tower layers (CLS included)",
     "hidden": "hidden states at the pruning layer",
-    "attention": "queries/keys of the layer before the pruning layer, after RoPE",
-    "previous_hidden": "hidden states at the input of the layer before the pruning layer",
+    "attention": "queries/keys after RoPE of the capture layers (default: the layer before the pruning layer)",
+    "layer_hidden": "hidden states at the input of the capture layers",
+    "sublayer_io": "normed inputs and outputs of the attention and MLP blocks of the capture layers",
 }
 
 _REGISTRY: dict[str, type[Method]] = {}
@@ -71,6 +72,11 @@ class Method:
     def llm_layers(self, n_layers: int) -> list[int]:
         """Decoder layers at which an ``llm`` method prunes (each prunes from that layer on)."""
         return []
+
+    def capture_layers(self, layer: int, n_layers: int) -> list[int]:
+        """Decoder layers whose signals (``attention``, ``layer_hidden``, ``sublayer_io``) an ``llm`` stage at
+        ``layer`` reads; each must be < ``layer``. Default: the layer just before."""
+        return [layer - 1] if layer >= 1 else []
 
     def vision_layers(self, n_vision_layers: int) -> list[int]:
         """Vision-tower layers whose q/k or hidden states this method reads (non-negative indices)."""
