@@ -1,0 +1,17 @@
+"""Train the embedded tiny LLaVA (thin wrapper around ``tokensieve.embedded.train``).
+
+Example: ``python scripts/train_tiny.py --minutes 45 --out-dir src/tokensieve/embedded/model``
+"""
+
+import os
+import sys
+from pathlib import Path
+
+# Passive OpenMP waiting keeps 2 threads from spinning against other processes on a shared CPU.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from tokensieve.embedded.train import main  # noqa: E402
+
+if __name__ == "__main__":
+    main()
