@@ -1,0 +1,123 @@
+"""HiPrune: hierarchical attention in the vision encoder (anchors, spatial buffers, registers)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..context import ImageContext
+from ..ops import attention_rows, topk_indices
+from .base import Method, MethodError, register
+from .visionzip import Crop, crops_of, feature_layer, require_vision, split_budget
+
+
+def global_attention(ctx: ImageContext, layer: int, crop: Crop) -> torch.Tensor:
+    """Attention [m] received by each candidate: head mean, mean over **all** queries (CLS included)."""
+    q, k = ctx.vision.queries[layer][crop.crop], ctx.vision.keys[layer][crop.crop]  # [H, T, d]
+    received = attention_rows(q[None], k[None])[0].mean(0).mean(0)  # [T]
+    return received[crop.rows]
+
+
+def grid_neighbours(grid_rc: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """Local indices of the 4-neighbours (up, down, left, right) of ``anchors`` among the rows of ``grid_rc``
+    [m, 2]; no wrap-around across rows, absent cells (pruned, unpadded) are skipped."""
+    if anchors.numel() == 0:
+        return anchors
+    a = grid_rc[anchors]  # [a, 2]
+    offsets = torch.tensor([[-1, 0], [1, 0], [0, -1], [0, 1]], device=grid_rc.device)
+    cells = (a[:, None, :] + offsets[None]).reshape(-1, 2)  # [4a, 2]
+    match = (grid_rc[None, :, :] == cells[:, None, :]).all(-1)  # [4a, m]
+    return torch.unique(torch.nonzero(match)[:, 1])
+
+
+@register
+@dataclass
+class HiPrune(Method):
+    """HiPrune (arXiv 2508.00553): training-free pruning from hierarchical attention inside the vision encoder.
+
+    Stage ``vision``; signals: queries/keys (``[H, T, d]`` per crop) of two vision layers, attention recomputed
+    from them. Per crop (LLaVA-1.5: the image; LLaVA-NeXT: each anyres crop, the budget split evenly and capped
+    by each crop's candidates after unpadding; ``image_newline`` tokens are kept **on top of** the budget):
+
+    1. Global attention received by each patch at a layer: head mean, then mean over **all** queries
+       (CLS included; this is not CLS attention).
+    2. Anchors: ``topk(global attention at the object layer, round(k * alpha / 5))``.
+    3. Buffers: the 4-neighbours of the anchors on the patch grid (``ctx.grid_rc``), present candidates only.
+       If anchors plus buffers exceed ``k`` (tiny budgets), buffers are kept in order of object-layer attention.
+    4. Registers: the top ``k - |anchors U buffers|`` of the others by global attention at the deep layer.
+    5. No merging; kept tokens in original order, ``reindex`` positions (as the official code).
+
+    Layers: ``object_layer`` is **1-based** as the official ``HIPRUNE_OBJECT_LAYER`` (it reads
+    ``attentions[l - 1]``); 9 for the 24-layer CLIP of LLaVA-1.5/NeXT. ``None`` scales it to the tower:
+    ``round(0.375 * n_layers)`` (9 of 24). ``deep_layer`` follows ``vision_feature_layer`` (default -2, the layer
+    LLaVA reads; official ``attentions[mm_vision_select_layer]``). Defaults: ``alpha = 0.1`` (anchors ~2% of k,
+    anchors plus buffers ~10%).
+
+    Differences from the official code:
+
+    - The official buffers are ``anchor +- 1`` and ``anchor +- 24`` on the flattened grid, clamped to [0, 575]:
+      ``+- 1`` wraps across rows (the last patch of a row buffers the first of the next). We take true grid
+      4-neighbours with no wrap-around.
+    - Official LLaVA-NeXT handling is not reproduced exactly; we run the rule per crop with an even budget split.
+    - Attention is recomputed from the captured q/k (float32) rather than an eager CLIP forward (same values up
+      to rounding; the model runs under SDPA).
+    - Qwen2.5-VL (official: query-sum, 2x2 merge-group average, full attention recomputed on window layers) is
+      not supported here: the adapter does not capture the Qwen ViT, and the sieve raises
+      ``UnsupportedModelError`` naming the family; use a projector-stage method (e.g. ``divprune``) there.
+    """
+
+    alpha: float = 0.1
+    object_layer: int | None = None  # 1-based, as HIPRUNE_OBJECT_LAYER; None: round(0.375 * n_layers)
+    deep_layer: int = -2  # vision_feature_layer convention
+
+    name = "hiprune"
+    stage = "vision"
+    needs = frozenset({"vision_qk"})
+    paper = "HiPrune: Training-Free Visual Token Pruning via Hierarchical Attention in Vision Encoders"
+    arxiv = "2508.00553"
+    fidelity = (
+        "buffers are true grid 4-neighbours (official +-1 wraps across rows); LLaVA-NeXT run per crop with an even "
+        "budget split; otherwise as Danielement321/HiPrune"
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.alpha <= 5.0:
+            raise MethodError(f"hiprune: alpha={self.alpha} must lie in [0, 5]")
+        if self.object_layer is not None and self.object_layer < 1:
+            raise MethodError(f"hiprune: object_layer={self.object_layer} is 1-based; pass >= 1")
+
+    def _object_index(self, n_layers: int) -> int:
+        one_based = self.object_layer if self.object_layer is not None else max(1, round(0.375 * n_layers))
+        if one_based > n_layers:
+            raise MethodError(f"hiprune: object_layer={one_based} exceeds the tower's {n_layers} layers")
+        return one_based - 1
+
+    def vision_layers(self, n_vision_layers: int) -> list[int]:
+        return sorted({self._object_index(n_vision_layers), feature_layer(self.deep_layer, n_vision_layers)})
+
+    def select(self, ctx: ImageContext, k: int) -> torch.Tensor:
+        require_vision(ctx, self.name)
+        n_layers = ctx.vision.n_layers
+        shallow_layer, deep_layer = self._object_index(n_layers), feature_layer(self.deep_layer, n_layers)
+        crops, extra = crops_of(ctx)
+        keep = [extra]
+        for crop, k_c in zip(crops, split_budget(k, [c.cand.numel() for c in crops]), strict=True):
+            if k_c == 0:
+                continue
+            shallow = global_attention(ctx, shallow_layer, crop)
+            n_anchor = min(k_c, int(round(k_c * self.alpha / 5)))
+            anchors = topk_indices(shallow, n_anchor)
+            buffers = grid_neighbours(ctx.grid_rc[crop.cand], anchors)
+            is_anchor = torch.zeros(crop.cand.numel(), dtype=torch.bool, device=shallow.device)
+            is_anchor[anchors] = True
+            buffers = buffers[~is_anchor[buffers]]
+            if anchors.numel() + buffers.numel() > k_c:
+                buffers = buffers[topk_indices(shallow[buffers], k_c - anchors.numel())]
+            chosen = torch.cat([anchors, buffers])
+            deep = global_attention(ctx, deep_layer, crop).clone()
+            deep[chosen] = -torch.inf  # official: deep_attn - 1[chosen]; attention <= 1 so both exclude them
+            registers = topk_indices(deep, k_c - chosen.numel())
+            keep.append(crop.cand[torch.cat([chosen, registers])])
+        return torch.cat(keep)
