@@ -1,0 +1,139 @@
+"""TransPrune: token transition variation (TTV) plus instruction-guided attention (IGA), pruned progressively."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..budget import resolve_keep
+from ..context import LayerCapture, LLMContext
+from ..ops import topk_indices
+from .base import LLMMethod, MethodError, register
+from .pdrop import PAPER_DEPTH, check_layers, scale_layers, solve_schedule
+
+
+def transition_variation(before: torch.Tensor, after: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """TTV weight [L] of one module: ``(||after|| / ||before||) * softmax_over_tokens(1 - cos(before, after))``.
+
+    ``before`` [L, D] is the module's normed input, ``after`` [L, D] its output (not the residual sum); the
+    softmax runs over the valid tokens of the whole sequence (padding gets weight 0).
+    """
+    b, a = before.float(), after.float()
+    b_norm, a_norm = b.norm(dim=-1), a.norm(dim=-1)
+    cos = (a * b).sum(-1) / (a_norm * b_norm).clamp_min(1e-8)
+    logits = (1.0 - cos).masked_fill(~valid, float("-inf"))
+    return (a_norm / b_norm.clamp_min(1e-8)) * torch.softmax(logits, dim=0).masked_fill(~valid, 0.0)
+
+
+def layer_ttv(cap: LayerCapture) -> torch.Tensor:
+    """TTV [L_j] of one decoder layer: attention block plus FFN block."""
+    if cap.attn_in is None or cap.attn_out is None or cap.mlp_in is None or cap.mlp_out is None:
+        raise RuntimeError("transprune needs the sublayer inputs and outputs: declare 'sublayer_io' in needs")
+    return transition_variation(cap.attn_in, cap.attn_out, cap.valid) + transition_variation(
+        cap.mlp_in, cap.mlp_out, cap.valid
+    )
+
+
+@register
+@dataclass
+class TransPrune(LLMMethod):
+    """TransPrune (CVPR 2026, arXiv 2507.20630): token transition variation and instruction-guided attention.
+
+    Stage ``llm`` at several layers, progressively: on a 32-layer LLM the official LLaVA-1.5 script prunes from
+    0-based layers ``[7, 9, 12]`` (after 1-based layers 7, 9, 12) to ``[0.875, 0.625, 0.125]`` of the image's
+    tokens, accumulating TTV over layers 6..11 (1-based 7..12). Layers scale with depth (``layer_fractions``,
+    ``accumulate_fraction``) or are set by ``layers`` / ``accumulate_from``.
+
+    Signals and score at stage layer ``l``:
+
+    - TTV: for every accumulated layer ``j`` in ``[accumulate_from, l)`` (the framework captures only layers
+      before the stage layer) and each of its two modules (attention, FFN), ``before`` = normed module input,
+      ``after`` = module output, both [L_j, D] (``sublayer_io``);
+      ``w = (||after|| / ||before||) * softmax_over_sequence(1 - cos(before, after))``; TTV = sum over modules
+      and layers, restricted to the image's candidates [n].
+    - IGA: attention of all instruction tokens (text after the image) over the image, recomputed from the q/k
+      of layer ``l - 1`` after RoPE, averaged over heads and rows [n] (:meth:`LLMContext.instruction_attention`).
+    - ``score = TTV / sum(TTV) + IGA / sum(IGA)``; the top count is kept.
+
+    Budget: ``keep`` is the count after the *last* stage (default 0.125, the official final ratio); earlier
+    stages keep ``ratios`` scaled by ``keep / ratios[-1]`` (clipped to the image). With ``average_budget=True``
+    ``keep`` is the layer-averaged count: the ratio shape is scaled by a factor solved so the layer average is
+    the largest not above ``keep`` (:func:`tokensieve.budget.stages_layer_average`). The layers before the
+    first stage keep every token, so an average below ``first / L`` of the image (126 of 576 on 32 layers)
+    cannot be met: move the stages earlier with ``layers``.
+
+    Positions: ``reindex`` (contiguous, decode positions shifted by what was pruned, as the official code does);
+    ``original`` on M-RoPE families (the framework's rule).
+
+    Differences from the official code (``liaolea/TransPrune`` ``llava/model/modeling_llama_transprune.py``):
+    padding tokens are excluded from the TTV softmax (the code runs batch 1); when stages are scaled to a
+    shallow model the accumulation start is moved before the first stage layer.
+    """
+
+    keep: float | int = 0.125
+    layer: int = 7  # unused when `layers`/`layer_fractions` set the schedule; kept for the shared signature
+    layers: tuple[int, ...] | None = None
+    layer_fractions: tuple[float, ...] = (7 / PAPER_DEPTH, 9 / PAPER_DEPTH, 12 / PAPER_DEPTH)
+    ratios: tuple[float, ...] = (0.875, 0.625, 0.125)
+    accumulate_from: int | None = None
+    accumulate_fraction: float = 6 / PAPER_DEPTH
+    average_budget: bool = False
+
+    name = "transprune"
+    needs = frozenset({"hidden", "attention", "sublayer_io"})
+    default_positions = "reindex"
+    paper = "TransPrune: Token Transition Pruning for Efficient Large Vision-Language Model (CVPR 2026)"
+    arxiv = "2507.20630"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if any(not 0.0 < r <= 1.0 for r in self.ratios) or list(self.ratios) != sorted(self.ratios)[::-1]:
+            raise MethodError("transprune: ratios must be non-increasing fractions in (0, 1]")
+
+    def llm_layers(self, n_layers: int) -> list[int]:
+        if self.layers is not None:
+            layers = check_layers(self.name, self.layers, n_layers)
+        else:
+            layers = scale_layers(self.layer_fractions, n_layers)
+        if len(layers) != len(self.ratios):
+            raise MethodError(f"transprune: {len(self.ratios)} ratios for {len(layers)} stage layers")
+        return layers
+
+    def accumulate_start(self, n_layers: int) -> int:
+        if self.accumulate_from is not None:
+            return self.accumulate_from
+        first = self.llm_layers(n_layers)[0]
+        return max(0, min(round(self.accumulate_fraction * n_layers), first - 1))
+
+    def capture_layers(self, layer: int, n_layers: int) -> list[int]:
+        return list(range(min(self.accumulate_start(n_layers), layer - 1), layer))
+
+    def stage_counts(self, n_tokens: int, n_layers: int) -> list[int]:
+        """Visual tokens kept after each stage."""
+        layers = self.llm_layers(n_layers)
+        last = self.ratios[-1]
+
+        def counts(t: float) -> list[int]:
+            return [max(1, min(n_tokens, int(n_tokens * r * t / last + 1e-9))) for r in self.ratios]
+
+        if self.average_budget:
+            return solve_schedule(counts, resolve_keep(self.keep, n_tokens), layers, n_tokens, n_layers)
+        final = resolve_keep(self.keep, n_tokens)
+        out = counts(final / n_tokens)
+        out[-1] = final
+        return [max(c, final) for c in out]
+
+    def budget(self, n_tokens: int, *, stage_index: int = 0, n_layers: int = 0) -> int:
+        return self.stage_counts(n_tokens, n_layers)[stage_index]
+
+    def scores(self, ctx: LLMContext) -> torch.Tensor:
+        ttv = torch.zeros(ctx.n, dtype=torch.float32, device=ctx.hidden.device)
+        for j in self.capture_layers(ctx.layer, ctx.n_layers):
+            cap = ctx.capture(j)
+            ttv = ttv + layer_ttv(cap)[cap.rows(ctx.image_cols)].to(ttv.device)
+        iga = ctx.instruction_attention().float()
+        return ttv / ttv.sum().clamp_min(1e-12) + iga / iga.sum().clamp_min(1e-12)
+
+    def select(self, ctx: LLMContext, k: int) -> torch.Tensor:
+        return topk_indices(self.scores(ctx), k)
