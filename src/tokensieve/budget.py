@@ -60,12 +60,13 @@ def layer_average_to_stage_count(average: float, n_tokens: int, n_layers: int, p
 
     A method that keeps all ``n_tokens`` for the first ``prune_layer`` layers and ``s`` tokens afterwards has a
     layer average of ``(prune_layer * n_tokens + (n_layers - prune_layer) * s) / n_layers``. Solving for ``s``
-    gives the formula used by EntropyPrune: ``s = (L * avg - K * N) / (L - K)``, clipped to ``[1, N]``.
+    gives the formula used by EntropyPrune: ``s = (L * avg - K * N) / (L - K)``, truncated like the official
+    code's ``int()`` (avg 192/128/64 on LLaVA-1.5-7B: 166/98/29) and clipped to ``[1, N]``.
     """
     if not 0 <= prune_layer < n_layers:
         raise BudgetError(f"prune_layer={prune_layer} must lie in [0, {n_layers - 1}] for a {n_layers}-layer model.")
     stage = (n_layers * average - prune_layer * n_tokens) / (n_layers - prune_layer)
-    return int(max(1, min(n_tokens, round(stage))))
+    return int(max(1, min(n_tokens, math.floor(stage + 1e-9))))
 
 
 def stages_layer_average(counts: list[int], layers: list[int], n_tokens: int, n_layers: int) -> float:

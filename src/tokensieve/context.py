@@ -72,8 +72,8 @@ class ImageContext:
     embed_tokens: Callable[[torch.Tensor], torch.Tensor] | None = None  # ids -> LM input embeddings
     vision: VisionSignals | None = None
     vision_patch_index: torch.Tensor | None = None  # [n] patch row of each candidate in its crop's vision tensors
-    seed: int | None = None
     family: str = ""
+    text_segment: torch.Tensor | None = None  # [t] index of the last image before each text token (-1: none)
 
     @property
     def n(self) -> int:
@@ -137,7 +137,6 @@ class LLMContext:
     layers: dict[int, LayerCapture] = field(default_factory=dict)
     stage_index: int = 0  # which of the method's layers this is
     norm: Callable[[torch.Tensor], torch.Tensor] | None = None  # the decoder's final norm
-    seed: int | None = None
     extra: dict = field(default_factory=dict)
 
     @property

@@ -107,7 +107,6 @@ class Sieve:
     model : a supported ``*ForConditionalGeneration`` VLM (LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL).
     method : registry name, a method object, or a list of method objects (one per stage, composed in order).
     keep : tokens per image (int) or fraction of each image's tokens (float in (0, 1]).
-    seed : seed handed to randomised methods that do not set their own.
     **method_kwargs : hyperparameters of the method when ``method`` is a name.
     """
 
@@ -116,14 +115,11 @@ class Sieve:
         model: nn.Module,
         method: str | Method | Sequence[str | Method] = "random",
         keep: Keep | None = None,
-        *,
-        seed: int | None = 0,
         **method_kwargs,
     ):
         self.model = model
         self.adapter: Adapter = get_adapter(model)
         self.methods = _resolve_methods(method, keep, method_kwargs)
-        self.seed = seed
         self.trace = Trace()
         self._handles: list = []
         self._patched: list[tuple[object, str, object]] = []
@@ -539,12 +535,15 @@ class Sieve:
         request.images = images
 
     def _image_context(self, request: _Request, img: ImageTokens, cand: torch.Tensor, features: torch.Tensor):
-        text_ids = text_embeds = None
+        text_ids = text_embeds = text_segment = None
         if "text" in self.needs:
             b = img.sample
             mask = request.valid[b] & (request.input_ids[b] != self.adapter.image_token_id)
             text_ids = request.input_ids[b][mask]
             text_embeds = self.adapter.embed_tokens()(text_ids)
+            starts = torch.stack([other.positions[0] for other in request.images if other.sample == b])
+            text_cols = torch.nonzero(mask).flatten()
+            text_segment = (text_cols[:, None] > starts[None, :]).sum(1) - 1
         vision = None
         if self.vision_layers:
             record = img.record
@@ -570,10 +569,10 @@ class Sieve:
             projector_module=self.adapter.projector_module() if "projector" in self.needs else None,
             text_ids=text_ids,
             text_embeds=text_embeds,
+            text_segment=text_segment,
             embed_tokens=self.adapter.embed_tokens() if "text" in self.needs else None,
             vision=vision,
             vision_patch_index=None if img.vision_patch_index is None else img.vision_patch_index[cand],
-            seed=self.seed,
             family=self.adapter.family,
         )
 
@@ -638,8 +637,7 @@ class Sieve:
                         layers={j: self._sample_capture(cap, b) for j, cap in batch_captures.items()},
                         stage_index=stage_index,
                         norm=getattr(self.adapter.text_model, "norm", None),
-                        seed=self.seed,
-                    )
+                                )
                     result = method.select(ctx, k)
                     chosen, replace_at, replace_with = self._check_selection(method, result, cand.numel(), k)
                     if replace_at is not None:
@@ -649,8 +647,7 @@ class Sieve:
                     drop[chosen] = False
                     keep_rows[b, rows[drop]] = False
                     cand = cand[chosen]
-                previous = self._previous_kept(img)
-                record.kept[(b, img.image)] = previous[cand.cpu()]
+                record.kept[(b, img.image)] = cand.cpu()  # cand indexes the image's original tokens
                 record.n_tokens[(b, img.image)] = int(img.features.shape[0])
             self.trace.stages.append(record)
         policy = self._policy(self.llm_stages[layer][-1])
@@ -695,12 +692,6 @@ class Sieve:
         if method.positions is not None:
             return method.positions
         return "original" if self.adapter.mrope else method.default_positions
-
-    def _previous_kept(self, img: ImageTokens) -> torch.Tensor:
-        for record in reversed(self.trace.stages):
-            if (img.sample, img.image) in record.kept:
-                return record.kept[(img.sample, img.image)]
-        return torch.arange(int(img.features.shape[0]))
 
     @staticmethod
     def _rows_of(request: _Request, b: int, positions: torch.Tensor) -> torch.Tensor:
