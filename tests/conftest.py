@@ -7,7 +7,7 @@ import torch
 
 from tokensieve.testing import qwen_image_prompt, random_image, tiny_llava, tiny_llava_next, tiny_qwen2_5_vl
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models: one thread is as fast and never oversubscribes
 
 FAMILIES = ("llava", "llava_next", "qwen2_5_vl")
 _BUILDERS = {"llava": tiny_llava, "llava_next": tiny_llava_next, "qwen2_5_vl": tiny_qwen2_5_vl}

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .adapters.base import Adapter, FeatureRecord, ImageTokens, UnsupportedModelError, get_adapter
-from .budget import Keep
+from .budget import Keep, resolve_keep
 from .context import ImageContext, LayerCapture, LLMContext, Selection, VisionSignals
 from .methods.base import Method, MethodError, make_method
 from .trace import StageRecord, Trace
@@ -150,6 +150,10 @@ class Sieve:
                     if layer == 0 and "attention" in m.needs:
                         raise MethodError(f"{m.name} reads attention of layer K-1, so it needs layer >= 1")
                     self.llm_stages.setdefault(layer, []).append(m)
+        fixed = self.adapter.fixed_tokens_per_image()
+        for m in self.methods:
+            if fixed is not None and isinstance(m.keep, int):
+                resolve_keep(m.keep, fixed)  # raises BudgetError before any forward pass
         needs = set().union(*(m.needs for m in self.methods))
         if "vision_qk" in needs or "vision_hidden" in needs:
             if not self.adapter.supports_vision_qk:

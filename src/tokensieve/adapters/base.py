@@ -84,6 +84,10 @@ class Adapter:
     def projector_module(self) -> nn.Module:
         raise NotImplementedError
 
+    def fixed_tokens_per_image(self) -> int | None:
+        """Visual tokens per image when the family fixes it (LLaVA-1.5), so budgets can be checked up front."""
+        return None
+
     def project_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """The projector M as a function of per-token pre-features [m, d_in] -> [m, D]."""
         return self.projector_module()

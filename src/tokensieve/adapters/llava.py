@@ -24,6 +24,13 @@ class LlavaAdapter(Adapter):
     def projector_module(self) -> nn.Module:
         return self.base.multi_modal_projector
 
+    def fixed_tokens_per_image(self) -> int | None:
+        vision = self.config.vision_config
+        if not hasattr(vision, "image_size") or not hasattr(vision, "patch_size"):
+            return None
+        patches = (vision.image_size // vision.patch_size) ** 2
+        return patches if getattr(self.config, "vision_feature_select_strategy", "default") == "default" else None
+
     def vision_attention_layers(self) -> list[nn.Module]:
         return [layer.self_attn for layer in clip_encoder_layers(self.base.vision_tower)]
 

@@ -22,6 +22,9 @@ class LlavaNextAdapter(LlavaAdapter):
     def projector_module(self) -> nn.Module:
         return self.base.multi_modal_projector
 
+    def fixed_tokens_per_image(self) -> int | None:
+        return None  # anyres: the count depends on each image's size
+
     def image_tokens(self, record: FeatureRecord) -> list[ImageTokens]:
         image_sizes = record.call_kwargs["image_sizes"]
         vision_cfg = self.config.vision_config
