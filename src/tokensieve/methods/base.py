@@ -14,7 +14,7 @@ from typing import ClassVar
 
 import torch
 
-from ..budget import Keep, resolve_keep, validate_keep
+from ..budget import Keep, layer_average_to_stage_count, resolve_keep, validate_keep
 from ..context import ImageContext, LLMContext, Selection
 
 STAGES = ("vision", "projector", "llm")
@@ -95,9 +95,17 @@ class LLMMethod(Method):
     """An in-LLM method: prunes the hidden states at decoder ``layer`` (and keeps them pruned afterwards)."""
 
     layer: int = 2
+    average_budget: bool = False  # read ``keep`` as a layer-averaged (FLOPs-equivalent) budget
     stage: ClassVar[str] = "llm"
     needs: ClassVar[frozenset[str]] = frozenset({"hidden"})
     default_positions: ClassVar[str] = "original"
+
+    def budget(self, n_tokens: int, *, stage_index: int = 0, n_layers: int = 0) -> int:
+        """``keep`` from this layer on; with ``average_budget`` the count whose layer average is ``keep``."""
+        count = resolve_keep(self.keep, n_tokens)
+        if not self.average_budget:
+            return count
+        return layer_average_to_stage_count(count, n_tokens, n_layers, self.llm_layers(n_layers)[0])
 
     def llm_layers(self, n_layers: int) -> list[int]:
         layer = self.layer if self.layer >= 0 else n_layers + self.layer

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..budget import layer_average_to_stage_count, resolve_keep
 from ..context import LLMContext
 from ..ops import matrix_entropy_per_token, topk_indices
 from .base import LLMMethod, register
@@ -40,18 +39,11 @@ class EntropyPrune(LLMMethod):
 
     keep: float | int = 0.25
     layer: int = 2
-    average_budget: bool = False
 
     name = "entropyprune"
     needs = frozenset({"hidden", "attention"})
     paper = "EntropyPrune: matrix-entropy visual token pruning at the entropy collapse layer"
     arxiv = "2602.17196"
-
-    def budget(self, n_tokens: int, *, stage_index: int = 0, n_layers: int = 0) -> int:
-        if not self.average_budget:
-            return resolve_keep(self.keep, n_tokens)
-        average = resolve_keep(self.keep, n_tokens)
-        return layer_average_to_stage_count(average, n_tokens, n_layers, self.llm_layers(n_layers)[0])
 
     def select(self, ctx: LLMContext, k: int) -> torch.Tensor:
         cap = ctx.capture()

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..budget import layer_average_to_stage_count, resolve_keep
 from ..context import LLMContext
 from ..ops import topk_indices
 from .base import LLMMethod, register
@@ -29,18 +28,11 @@ class FastV(LLMMethod):
 
     keep: float | int = 0.5
     layer: int = 2
-    average_budget: bool = False
 
     name = "fastv"
     needs = frozenset({"hidden", "attention"})
     paper = "An Image is Worth 1/2 Tokens After Layer 2 (FastV, ECCV 2024)"
     arxiv = "2403.06764"
-
-    def budget(self, n_tokens: int, *, stage_index: int = 0, n_layers: int = 0) -> int:
-        if not self.average_budget:
-            return resolve_keep(self.keep, n_tokens)
-        average = resolve_keep(self.keep, n_tokens)
-        return layer_average_to_stage_count(average, n_tokens, n_layers, self.llm_layers(n_layers)[0])
 
     def select(self, ctx: LLMContext, k: int) -> torch.Tensor:
         return topk_indices(ctx.last_token_attention(), k)

@@ -115,7 +115,6 @@ class PDrop(LLMMethod):
     layers: tuple[int, ...] | None = None
     layer_fractions: tuple[float, ...] = (0.25, 0.5, 0.75)
     lam: float = 0.5
-    average_budget: bool = False
 
     name = "pdrop"
     needs = frozenset({"hidden", "attention"})

@@ -78,7 +78,6 @@ class TransPrune(LLMMethod):
     ratios: tuple[float, ...] = (0.875, 0.625, 0.125)
     accumulate_from: int | None = None
     accumulate_fraction: float = 6 / PAPER_DEPTH
-    average_budget: bool = False
 
     name = "transprune"
     needs = frozenset({"hidden", "attention", "sublayer_io"})
