@@ -8,11 +8,12 @@ import torch
 from conftest import build, make_inputs
 
 import tokensieve
+from tokensieve.budget import split_budget
 from tokensieve.context import ImageContext
 from tokensieve.methods.base import MethodError, list_methods, make_method
 from tokensieve.methods.catp import CATP, stage_one_count
 from tokensieve.methods.idpruner import IDPruner
-from tokensieve.methods.mmtok import MMTok, keyword_embeddings, split_budget, text_span_mask
+from tokensieve.methods.mmtok import MMTok, keyword_embeddings, text_span_mask
 from tokensieve.methods.todre import ToDRE, greedy_max_sum
 
 # (method, hyperparameters, newline tokens kept on top of the budget on LLaVA-NeXT). The default of each method
@@ -177,8 +178,8 @@ def test_mmtok_per_crop_split_and_newlines():
     assert int((groups[picked] == 0).sum()) == 2
     with_lines = MMTok(keep_newlines=True).select(ctx, 4)
     assert with_lines.numel() == 6 and bool(newline[with_lines].sum() == 2)
-    assert split_budget([4, 1, 4], 6) == [3, 1, 2]
-    assert split_budget([2, 2], 9) == [2, 2]
+    assert split_budget(6, [4, 1, 4]) == [3, 1, 2]
+    assert split_budget(9, [2, 2]) == [2, 2]
 
 
 def test_mmtok_keywords_drop_stopwords_template_and_special_tokens():

@@ -9,11 +9,12 @@ import torch
 
 import tokensieve
 from tokensieve.adapters.base import UnsupportedModelError
+from tokensieve.budget import split_budget
 from tokensieve.context import ImageContext, Selection, VisionSignals
 from tokensieve.methods import make_method
 from tokensieve.methods.flowcut import adaptive_prune_count
 from tokensieve.methods.hiprune import grid_neighbours
-from tokensieve.methods.visionzip import crops_of, split_budget
+from tokensieve.methods.visionzip import crops_of
 from tokensieve.testing import qwen_image_prompt, random_image, tiny_llava, tiny_llava_next, tiny_qwen2_5_vl
 
 METHODS = ("visionzip", "hiprune", "flowcut", "tcc")

@@ -9,8 +9,9 @@ from torch import nn
 
 import tokensieve
 from tokensieve.adapters.base import get_adapter
+from tokensieve.budget import split_budget
 from tokensieve.context import ImageContext
-from tokensieve.methods.zoo import Zoo, split_equally
+from tokensieve.methods.zoo import Zoo
 from tokensieve.ops.zoo_sensitivity import LowRankLinear, projector_copy
 
 
@@ -110,9 +111,9 @@ def test_counts_and_per_crop_budget_with_newlines():
         assert keep.numel() == k + 4 and torch.unique(keep).numel() == k + 4
         assert set(range(ctx.n - 4, ctx.n)) <= set(keep.tolist())
         per = torch.bincount(groups[keep[~always[keep]]], minlength=n_crops).tolist()
-        assert per == split_equally(k, [per_crop] * n_crops)
-    assert split_equally(7, [10, 10, 10]) == [3, 2, 2]
-    assert split_equally(9, [1, 10, 10]) == [1, 5, 3]  # the small crop passes its excess on
+        assert per == split_budget(k, [per_crop] * n_crops)
+    assert split_budget(7, [10, 10, 10]) == [3, 2, 2]
+    assert split_budget(9, [1, 10, 10]) == [1, 4, 4]  # the small crop passes its excess on
 
 
 def test_same_seed_same_tokens_and_seeds_differ():

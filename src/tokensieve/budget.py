@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from numbers import Integral, Real
 
+import torch
+
 Keep = int | float
 
 
@@ -77,3 +79,37 @@ def stages_layer_average(counts: list[int], layers: list[int], n_tokens: int, n_
         current, start = count, layer
     total += (n_layers - start) * current
     return total / n_layers
+
+
+def split_budget(k: int, sizes: list[int], weights: list[float] | None = None) -> list[int]:
+    """Integer shares of ``k`` over groups (LLaVA-NeXT crops, frames), proportional to ``weights`` (default: equal),
+    each capped at its ``sizes`` entry; the one splitting rule of every per-crop method.
+
+    Capped shares hand their excess to the others (water filling); rounding gives the leftover units to the
+    largest fractional parts, ties to the earlier crop. The shares sum to ``min(k, sum(sizes))``.
+    """
+    cap = torch.tensor(sizes, dtype=torch.float64)
+    w = torch.ones_like(cap) if weights is None else torch.tensor(weights, dtype=torch.float64).clamp(min=0)
+    alloc = torch.zeros_like(cap)
+    open_ = cap > 0
+    remaining = float(min(k, int(cap.sum())))
+    share = torch.zeros_like(cap)
+    while remaining > 0 and bool(open_.any()):
+        wo = torch.where(open_, w, torch.zeros_like(w))
+        if float(wo.sum()) <= 0:  # every open crop has zero weight: split evenly among them
+            wo = open_.double()
+        share = remaining * wo / wo.sum()
+        over = open_ & (share >= cap - alloc)
+        if not bool(over.any()):
+            break
+        remaining -= float((cap - alloc)[over].sum())
+        alloc[over] = cap[over]
+        open_ &= ~over
+        share = torch.zeros_like(cap)
+    base = torch.floor(share)
+    left = int(round(remaining - float(base.sum())))
+    out = alloc + base
+    if left > 0:
+        frac = torch.where(open_ & (out < cap), share - base, torch.full_like(share, -1.0))
+        out[torch.sort(frac, descending=True, stable=True).indices[:left]] += 1
+    return [int(v) for v in out.tolist()]

@@ -6,10 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..budget import split_budget
 from ..context import ImageContext
 from ..ops import attention_rows, topk_indices
 from .base import Method, MethodError, register
-from .visionzip import Crop, crops_of, feature_layer, require_vision, split_budget
+from .visionzip import Crop, crops_of, feature_layer, require_vision
 
 
 def global_attention(ctx: ImageContext, layer: int, crop: Crop) -> torch.Tensor:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..budget import split_budget
 from ..context import ImageContext
 from ..ops import max_coverage
 from .base import Method, MethodError, register
@@ -90,22 +91,6 @@ def keyword_embeddings(
     word_ids = torch.as_tensor(word_ids, dtype=torch.long, device=ctx.text_ids.device).flatten()
     with torch.no_grad():
         return ctx.embed_tokens(word_ids)
-
-
-def split_budget(sizes: list[int], k: int) -> list[int]:
-    """Split ``k`` tokens equally over groups of the given sizes (remainder to the first groups); a group smaller
-    than its share keeps everything and its surplus goes to the others."""
-    share = [0] * len(sizes)
-    left = min(k, sum(sizes))
-    open_groups = [i for i, s in enumerate(sizes) if s > 0]
-    while left > 0 and open_groups:
-        q, r = divmod(left, len(open_groups))
-        for j, i in enumerate(open_groups):
-            add = min(q + (1 if j < r else 0), sizes[i] - share[i])
-            share[i] += add
-            left -= add
-        open_groups = [i for i in open_groups if share[i] < sizes[i]]
-    return share
 
 
 def _unit_rows(x: torch.Tensor) -> torch.Tensor:
@@ -200,7 +185,7 @@ class MMTok(Method):
         groups = ctx.groups[cand]
         ids = torch.unique(groups).tolist() if self.per_crop else [None]
         members = [cand if g is None else cand[groups == g] for g in ids]
-        shares = split_budget([int(m.numel()) for m in members], budget)
+        shares = split_budget(budget, [int(m.numel()) for m in members])
         picks = [m[self.cover(text, ctx.features[m], pre[m], s)] for m, s in zip(members, shares, strict=True) if s]
         chosen = torch.cat(picks) if picks else cand[:0]
         if self.keep_newlines:

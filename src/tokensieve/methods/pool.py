@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..budget import split_budget
 from ..context import ImageContext, Selection
 from .base import Method, register
 
@@ -54,7 +55,7 @@ class Pool(Method):
         prunable = torch.nonzero(~ctx.always_keep).flatten()
         groups = ctx.groups[prunable]
         group_ids, group_sizes = torch.unique(groups, return_counts=True)
-        budgets = _split_budget(k, group_sizes)
+        budgets = split_budget(k, group_sizes.tolist(), weights=group_sizes.tolist())
         keep, replace_at, replace_with = [torch.nonzero(ctx.always_keep).flatten()], [], []
         for gid, budget in zip(group_ids.tolist(), budgets, strict=True):
             members = prunable[groups == gid]
@@ -78,13 +79,3 @@ class Pool(Method):
             replace_with.append((sums / counts[:, None])[cells[slots]].to(ctx.features.dtype))
         keep_idx = torch.cat(keep)
         return Selection(keep=keep_idx, replace_at=torch.cat(replace_at), replace_with=torch.cat(replace_with))
-
-
-def _split_budget(k: int, sizes: torch.Tensor) -> list[int]:
-    """Split ``k`` over groups in proportion to their sizes (largest remainders), each at most its size."""
-    share = sizes.double() * k / sizes.sum()
-    base = share.floor().long()
-    remainder = k - int(base.sum())
-    order = torch.argsort(share - base, descending=True, stable=True)
-    base[order[:remainder]] += 1
-    return torch.minimum(base, sizes).tolist()

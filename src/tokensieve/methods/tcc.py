@@ -6,10 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..budget import split_budget
 from ..context import ImageContext
 from ..ops import cosine_similarity_matrix, topk_indices
 from .base import Method, MethodError, register
-from .visionzip import Crop, cls_attention, crops_of, feature_layer, require_vision, split_budget
+from .visionzip import Crop, cls_attention, crops_of, feature_layer, require_vision
 
 
 def redundancy(ctx: ImageContext, layer: int, crop: Crop, threshold: float) -> float:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..budget import split_budget
 from ..context import ImageContext, Selection
 from ..ops import attention_rows, topk_indices
 from .base import Method, MethodError, register
@@ -49,39 +50,6 @@ def crops_of(ctx: ImageContext) -> tuple[list[Crop], torch.Tensor]:
         cand = torch.nonzero(prunable & (ctx.groups == g)).flatten()
         crops.append(Crop(crop=int(g), cand=cand, rows=ctx.vision_patch_index[cand]))
     return crops, keep_always
-
-
-def split_budget(k: int, sizes: list[int], weights: list[float] | None = None) -> list[int]:
-    """Integer shares of ``k`` proportional to ``weights`` (default: equal), each capped at its ``sizes`` entry.
-
-    Capped shares hand their excess to the others (water filling); rounding gives the leftover units to the
-    largest fractional parts, ties to the earlier crop. The shares sum to ``min(k, sum(sizes))``.
-    """
-    cap = torch.tensor(sizes, dtype=torch.float64)
-    w = torch.ones_like(cap) if weights is None else torch.tensor(weights, dtype=torch.float64).clamp(min=0)
-    alloc = torch.zeros_like(cap)
-    open_ = cap > 0
-    remaining = float(min(k, int(cap.sum())))
-    share = torch.zeros_like(cap)
-    while remaining > 0 and bool(open_.any()):
-        wo = torch.where(open_, w, torch.zeros_like(w))
-        if float(wo.sum()) <= 0:  # every open crop has zero weight: split evenly among them
-            wo = open_.double()
-        share = remaining * wo / wo.sum()
-        over = open_ & (share >= cap - alloc)
-        if not bool(over.any()):
-            break
-        remaining -= float((cap - alloc)[over].sum())
-        alloc[over] = cap[over]
-        open_ &= ~over
-        share = torch.zeros_like(cap)
-    base = torch.floor(share)
-    left = int(round(remaining - float(base.sum())))
-    out = alloc + base
-    if left > 0:
-        frac = torch.where(open_ & (out < cap), share - base, torch.full_like(share, -1.0))
-        out[torch.sort(frac, descending=True, stable=True).indices[:left]] += 1
-    return [int(v) for v in out.tolist()]
 
 
 def cls_attention(ctx: ImageContext, layer: int, crop: Crop, heads: str = "sum") -> torch.Tensor:

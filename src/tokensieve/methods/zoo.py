@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..budget import split_budget
 from ..context import ImageContext
 from ..ops import greedy_max_min, minmax_normalise
 from ..ops.zoo_sensitivity import (
@@ -62,8 +63,8 @@ class Zoo(Method):
 
     LLaVA-NeXT: sensitivity is normalised and SADS runs independently per crop (``ctx.groups``), the budget split
     equally (``k // n_crops``, the remainder to the first crops; a crop smaller than its share passes the rest on
-    to the next crops with room), and ``image_newline`` tokens (``ctx.always_keep``) are kept on top of the
-    budget: an image keeps ``k + n_newlines`` tokens. Single-crop families are one group (Qwen: one per frame).
+    to the others: :func:`tokensieve.budget.split_budget`), and ``image_newline`` tokens (``ctx.always_keep``)
+    are kept on top of the budget: an image keeps ``k + n_newlines`` tokens. Single-crop families are one group (Qwen: one per frame).
 
     Defaults ``m=64``, ``h=0.01``, ``seed=0``, budget ``keep=0.25`` (the paper's LLaVA-1.5 settings use ``keep=64``,
     ``128``, ``192`` of 576; ``int(ratio * 576)`` with ratio 0.1112/0.2223/0.3334 gives the same counts).
@@ -158,7 +159,7 @@ class Zoo(Method):
         groups = ctx.groups[prunable]
         group_ids, sizes = torch.unique(groups, return_counts=True)
         chosen = [always]
-        for gid, budget in zip(group_ids.tolist(), split_equally(k, sizes.tolist()), strict=True):
+        for gid, budget in zip(group_ids.tolist(), split_budget(k, sizes.tolist()), strict=True):
             if budget == 0:
                 continue
             members = torch.nonzero(groups == gid).flatten()
@@ -166,19 +167,6 @@ class Zoo(Method):
             picks = self._sads(ctx.features[prunable[members]], weights, budget)
             chosen.append(prunable[members[picks]])
         return torch.cat(chosen)
-
-
-def split_equally(k: int, sizes: list[int]) -> list[int]:
-    """``k`` split over groups as ``k // G`` each, the remainder to the first groups; a group smaller than its
-    share keeps all its tokens and the excess goes to the first groups that still have room."""
-    g = len(sizes)
-    budgets = [min(k // g + (1 if i < k % g else 0), size) for i, size in enumerate(sizes)]
-    spare = k - sum(budgets)
-    for i, size in enumerate(sizes):
-        extra = min(spare, size - budgets[i])
-        budgets[i] += extra
-        spare -= extra
-    return budgets
 
 
 def _greedy_sum(z: torch.Tensor, weights: torch.Tensor, k: int) -> torch.Tensor:
