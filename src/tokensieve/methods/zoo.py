@@ -64,7 +64,8 @@ class Zoo(Method):
     LLaVA-NeXT: sensitivity is normalised and SADS runs independently per crop (``ctx.groups``), the budget split
     equally (``k // n_crops``, the remainder to the first crops; a crop smaller than its share passes the rest on
     to the others: :func:`tokensieve.budget.split_budget`), and ``image_newline`` tokens (``ctx.always_keep``)
-    are kept on top of the budget: an image keeps ``k + n_newlines`` tokens. Single-crop families are one group (Qwen: one per frame).
+    are kept on top of the budget: an image keeps ``k + n_newlines`` tokens. Single-crop families are one
+    group (Qwen: one per frame).
 
     Defaults ``m=64``, ``h=0.01``, ``seed=0``, budget ``keep=0.25`` (the paper's LLaVA-1.5 settings use ``keep=64``,
     ``128``, ``192`` of 576; ``int(ratio * 576)`` with ratio 0.1112/0.2223/0.3334 gives the same counts).
