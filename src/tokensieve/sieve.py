@@ -591,7 +591,7 @@ class Sieve:
                 k = method.budget(int(img.features.shape[0]), n_layers=self.adapter.n_layers)
                 if k < cand.numel():
                     ctx = self._image_context(request, img, cand, features)
-                    result = method.select(ctx, k)
+                    result = self._select(method, ctx, k)
                     chosen, replace_at, replace_with = self._check_selection(method, result, cand.numel(), k)
                     if replace_at is not None:
                         hidden[img.sample, img.positions[cand[replace_at]]] = replace_with.to(hidden.dtype)
@@ -642,7 +642,7 @@ class Sieve:
                         stage_index=stage_index,
                         norm=getattr(self.adapter.text_model, "norm", None),
                                 )
-                    result = method.select(ctx, k)
+                    result = self._select(method, ctx, k)
                     chosen, replace_at, replace_with = self._check_selection(method, result, cand.numel(), k)
                     if replace_at is not None:
                         hidden = hidden.clone()
@@ -709,6 +709,11 @@ class Sieve:
     def _text_rows(self, request: _Request, b: int) -> torch.Tensor:
         ids = request.input_ids[b, request.cols[b]]
         return torch.nonzero(request.layout_valid[b] & (ids != self.adapter.image_token_id)).flatten()
+
+    @staticmethod
+    @torch.no_grad()  # selection is a discrete decision: no autograd graph, in-place ops allowed
+    def _select(method: Method, ctx, k: int):
+        return method.select(ctx, k)
 
     @staticmethod
     def _check_selection(method: Method, result, n: int, k: int):
