@@ -139,6 +139,11 @@ def plot_accuracy(rows: Sequence[dict], path: str | Path, x: str = "tokens", tit
         ax.axhline(ref_y, color="black", ls="--", lw=0.8)
         ref_x = reference["visual_tokens_layer_avg"] if x == "tokens" else 1.0
         ax.plot([ref_x], [ref_y], marker="*", color="black", ms=12, ls="none", label="unpruned")
+    ys = [y for line in ax.get_lines() for y in line.get_ydata()]
+    if ys:  # fixed padding: matplotlib's autoscale turns a flat line (e.g. all 0 %) into a 1e-17 axis
+        low, high = float(min(ys)), float(max(ys))
+        pad = max(2.0, 0.1 * (high - low))
+        ax.set_ylim(max(0.0, low - pad), max(min(100.0, high + pad), low + pad))
     ax.set_xlabel("visual tokens per sample (layer average)" if x == "tokens" else "prefill speed-up (x)")
     ax.set_ylabel("mean accuracy (%)")
     ax.grid(alpha=0.3)
