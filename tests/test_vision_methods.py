@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import tokensieve
-from tokensieve.adapters.base import UnsupportedModelError
 from tokensieve.budget import split_budget
 from tokensieve.context import ImageContext, Selection, VisionSignals
 from tokensieve.methods import make_method
+from tokensieve.methods.base import MethodError
 from tokensieve.methods.flowcut import adaptive_prune_count
 from tokensieve.methods.hiprune import grid_neighbours
 from tokensieve.methods.visionzip import crops_of
@@ -92,11 +92,12 @@ def test_keep_all_is_exact(family: str, method: str):
     assert torch.allclose(logits[valid], reference[valid], atol=1e-5)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_qwen_is_refused_with_a_clear_error(method: str):
+@pytest.mark.parametrize("method", ["visionzip", "tcc"])
+def test_qwen_cls_methods_are_refused_with_a_clear_error(method: str):
+    # the Qwen ViT is captured now (hiprune/flowcut run there, tests/test_vision_qwen.py); CLS-only methods refuse
     model, _ = _model("qwen2_5_vl")
-    with pytest.raises(UnsupportedModelError, match=r"qwen2_vl.*projector-stage"):
-        tokensieve.sieve(model, method, keep=4)
+    with pytest.raises(MethodError, match=r"no \[CLS\] token.*projector-stage"):
+        _run("qwen2_5_vl", method, 4)
 
 
 def test_visionzip_writes_merged_tokens():
@@ -194,7 +195,8 @@ def test_hiprune_buffers_are_grid_neighbours():
     q1, k1 = _peaked_keys(heads, tokens, d, 1)
     ctx = _context([[q0], [q1]], [[k0], [k1]], side, layers=(0, 1))
     method = make_method("hiprune", alpha=1.0)  # round(5 * 1 / 5) = 1 anchor
-    assert method.vision_layers(3) == [0, 1]
+    # CLIP reads layers 0 (object) and 1 (deep, -2); the plan also captures the Qwen defaults (2: last block)
+    assert method.vision_layers(3) == [0, 1, 2]
     keep = sorted(method.select(ctx, 5).tolist())
     assert keep == [0, 3, 6, 7, 11]  # anchor 7, neighbours (0,3) (2,3) (1,2); (1,4) does not wrap to 8
     rc = torch.tensor([[0, 0], [0, 1], [1, 0], [1, 1]])
@@ -209,7 +211,7 @@ def test_flowcut_hand_made():
     v[:, 3] = 1.0  # patch 2 also carries the largest value norm
     ctx = _context([[q]], [[k]], side, layers=(0,), values=[[v]])
     method = make_method("flowcut")
-    assert method.vision_layers(3) == [0]
+    assert method.vision_layers(3) == [0, 1, 2]  # CLIP scores layer 0 only; the plan also covers Qwen (all)
     assert method.select(ctx, 1).tolist() == [2]
     # the entropy-adaptive schedule: a flat CLS attention prunes nothing, a peaked one prunes (N - target)/sqrt(rpl)
     assert adaptive_prune_count(torch.full((100,), 0.01), 4, 20) == 0

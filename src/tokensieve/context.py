@@ -32,10 +32,17 @@ class Selection:
 class VisionSignals:
     """Signals from inside the vision tower of one image (or one crop group), captured by hooks.
 
-    ``queries[layer]`` / ``keys[layer]``: [H, 1 + P, d] per captured layer (index 0 is CLS when ``has_cls``),
-    ``hidden[layer]``: [1 + P, d_v] hidden states *output* by that layer. ``patch_index``: LongTensor [n] maps each
-    candidate token to its patch row in those tensors (after the CLS offset), per crop for LLaVA-NeXT
-    (``crop_of_token`` [n] tells which crop's tensors to use).
+    ``queries[layer]`` / ``keys[layer]``: [H, T, d] per captured layer and crop (after the tower's rotary
+    embedding, if any), ``hidden[layer]``: [T, d_v] hidden states *output* by that layer.
+
+    - CLIP (LLaVA, LLaVA-NeXT): ``has_cls``, T = 1 + P, row 0 is CLS; ``merge_size = 1``.
+    - Qwen2-VL / Qwen2.5-VL: no CLS, one "crop" per frame (an image is one frame), T = P patches in natural
+      (un-windowed) order, grouped by merge unit: ``merge_size = 2`` and LLM token ``t`` of the frame is the 2x2
+      group of patch rows ``t * 4 .. t * 4 + 3``.
+
+    ``ImageContext.vision_patch_index`` [n] holds each candidate's *unit* in its crop: its rows are
+    ``patch_rows(unit)`` (the CLS offset is already in the unit on CLIP, where a unit is one patch).
+    ``crop_of_token`` is ``ImageContext.groups``: which crop's tensors a candidate uses.
     """
 
     queries: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # layer -> per crop [H, T, d]
@@ -44,11 +51,21 @@ class VisionSignals:
     hidden: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     has_cls: bool = True
     n_layers: int = 0
+    merge_size: int = 1  # patches per LLM token along each axis (Qwen2-VL family: 2)
 
     def attention(self, layer: int, crop: int = 0) -> torch.Tensor:
-        """Softmax attention [H, T, T] of one vision layer of one crop, recomputed from its q/k (no eager needed)."""
+        """Softmax attention [H, T, T] of one vision layer of one crop, recomputed from its q/k (no eager needed).
+
+        Always *full* attention over the crop's tokens: on Qwen2.5-VL's window blocks (all but
+        ``fullatt_block_indexes``) the real forward attends within windows only, so there this is a recomputation
+        over all patches (as HiPrune's official flash-attention path does), not the block's own attention."""
         q, k = self.queries[layer][crop], self.keys[layer][crop]
         return attention_rows(q[None], k[None])[0]
+
+    def patch_rows(self, units: torch.Tensor) -> torch.Tensor:
+        """Rows [n, merge_size**2] of the vision tensors that make up each unit (LLM token) in ``units`` [n]."""
+        size = self.merge_size * self.merge_size
+        return units[:, None] * size + torch.arange(size, device=units.device)
 
 
 @dataclass

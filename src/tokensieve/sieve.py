@@ -551,7 +551,11 @@ class Sieve:
         vision = None
         if self.vision_layers:
             record = img.record
-            vision = VisionSignals(has_cls=True, n_layers=len(self.adapter.vision_attention_layers()))
+            # CLS / merge layout of the tower's tensors; adapters without ``vision_layout`` are CLIP-like
+            has_cls, merge_size = getattr(self.adapter, "vision_layout", lambda: (True, 1))()
+            vision = VisionSignals(
+                has_cls=has_cls, merge_size=merge_size, n_layers=len(self.adapter.vision_attention_layers())
+            )
             for layer, qkv in record.vision_qk.items():
                 for name, store in (("q", vision.queries), ("k", vision.keys), ("v", vision.values)):
                     if name in qkv:

@@ -3,10 +3,19 @@
 The merger (RMSNorm/LayerNorm + MLP over 4 patches) is the projector M. Qwen2.5-VL runs its ViT in window
 order; the adapter undoes that order with the model's own ``get_vision_window_index`` so that pre-merger
 features line up with the merged tokens in placeholder order. The tower has no CLS token.
+
+Vision capture (``install_vision_capture``): per requested ViT block, q/k/v from the block's ``attn.qkv`` output,
+q and k rotated with the block's own ``position_embeddings`` and the model's ``apply_rotary_pos_emb_vision``
+(exactly what the block attends with), and the block's output hidden states. They are stored per frame (an
+image is one frame; each frame is one full-attention segment of the tower) in natural, un-windowed patch order,
+which groups patches by merge unit: LLM token ``t`` of a frame owns patch rows ``t * 4 .. t * 4 + 3``.
+``FeatureRecord.vision_qk[layer][name]`` is therefore a *list* of per-frame tensors [P_f, H, d] (frames differ in
+size), ``vision_hidden[layer]`` a list of [P_f, d_v]; both index like the CLIP ``[crops, T, ...]`` tensors.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 import torch
@@ -21,6 +30,7 @@ class Qwen2VLAdapter(Adapter):
     family = "qwen2_vl"
     model_classes = ("Qwen2_5_VLForConditionalGeneration", "Qwen2VLForConditionalGeneration")
     mrope = True
+    supports_vision_qk = True
 
     @property
     def visual(self) -> nn.Module:
@@ -38,6 +48,91 @@ class Qwen2VLAdapter(Adapter):
 
         return project
 
+    # ----- vision tower ------------------------------------------------------------------------------------------
+    def vision_attention_layers(self) -> list[nn.Module]:
+        return [block.attn for block in self.visual.blocks]
+
+    def vision_encoder_layers(self) -> list[nn.Module]:
+        return list(self.visual.blocks)
+
+    def vision_layout(self) -> tuple[bool, int]:
+        """(has CLS, patches per LLM token along each axis) of the captured vision tensors."""
+        return False, int(self.visual.spatial_merge_size)
+
+    def _windowed(self) -> bool:
+        return hasattr(self.visual, "window_size") and hasattr(self.visual, "fullatt_block_indexes")
+
+    def _natural_order(self, grid_thw: torch.Tensor) -> torch.Tensor | None:
+        """Patch rows [S] that put the tower's window-ordered sequence back in natural order (None: no windows).
+
+        The window permutation moves whole merge units (``get_vision_window_index`` indexes units of merge**2
+        consecutive patches), so units are un-permuted and patches inside a unit keep their order."""
+        if not self._windowed():
+            return None
+        merge = self.visual.spatial_merge_size
+        window_index, _ = get_vision_window_index(
+            grid_thw.cpu(),
+            spatial_merge_size=merge,
+            window_size=self.visual.window_size,
+            patch_size=self.visual.patch_size,
+        )
+        unit = merge * merge
+        return (torch.argsort(window_index)[:, None] * unit + torch.arange(unit)).flatten()
+
+    def install_vision_capture(self, layers: list[int], sink: Callable[[], FeatureRecord | None]) -> list:
+        """Capture q/k/v (q, k after the vision RoPE) and output hidden states of ``layers`` per frame, un-windowed.
+
+        Hooks: a pre-hook on the tower reads ``grid_thw`` (frame sizes, window order), a pre-hook with kwargs on
+        each block reads its ``position_embeddings`` (cos, sin), a hook on the block's ``attn.qkv`` rotates and
+        stores q/k/v, a hook on the block stores its output."""
+        visual = self.visual
+        state: dict = {}
+
+        def per_frame(x: torch.Tensor) -> list[torch.Tensor]:
+            order = state["order"]
+            if order is not None:
+                x = x[order.to(x.device)]
+            return list(torch.split(x, state["sizes"]))
+
+        def on_tower(module, args, kwargs):
+            grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+            if grid is None:
+                raise RuntimeError("qwen2_vl vision capture: the vision tower was called without grid_thw")
+            state["order"] = self._natural_order(grid)
+            state["sizes"] = (grid[:, 1] * grid[:, 2]).repeat_interleave(grid[:, 0]).tolist()  # one per frame
+
+        handles = [visual.register_forward_pre_hook(on_tower, with_kwargs=True)]
+        for layer in layers:
+            block = visual.blocks[layer]
+            attn = block.attn
+            rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
+
+            def on_block(module, args, kwargs, layer=layer):
+                rope = kwargs.get("position_embeddings", args[2] if len(args) > 2 else None)
+                if rope is None:
+                    raise RuntimeError(f"qwen2_vl vision capture: block {layer} got no position_embeddings (cos, sin)")
+                state[("rope", layer)] = rope
+
+            def on_qkv(module, args, output, layer=layer, heads=attn.num_heads, rotate=rotate):
+                record = sink()
+                if record is None:
+                    return
+                q, k, v = output.detach().reshape(output.shape[0], 3, heads, -1).unbind(1)  # [S, H, d] each
+                cos, sin = state.pop(("rope", layer))
+                q, k = rotate(q, k, cos, sin)  # the block's own RoPE, so the recomputed logits match its attention
+                record.vision_qk[layer] = {"q": per_frame(q), "k": per_frame(k), "v": per_frame(v)}
+
+            def on_output(module, args, output, layer=layer):
+                record = sink()
+                if record is not None:
+                    value = output[0] if isinstance(output, tuple) else output
+                    record.vision_hidden[layer] = per_frame(value.detach())
+
+            handles.append(block.register_forward_pre_hook(on_block, with_kwargs=True))
+            handles.append(attn.qkv.register_forward_hook(on_qkv))
+            handles.append(block.register_forward_hook(on_output))
+        return handles
+
     def image_tokens(self, record: FeatureRecord) -> list[ImageTokens]:
         grid_thw = record.call_kwargs["image_grid_thw"]
         merge = self.visual.spatial_merge_size
@@ -47,7 +142,7 @@ class Qwen2VLAdapter(Adapter):
         if out is not None and getattr(out, "last_hidden_state", None) is not None:
             hidden = out.last_hidden_state  # [patches, d_v], window order on Qwen2.5-VL
             grouped = hidden.reshape(-1, unit * hidden.shape[-1])
-            if hasattr(self.visual, "window_size") and hasattr(self.visual, "fullatt_block_indexes"):
+            if self._windowed():
                 window_index, _ = get_vision_window_index(
                     grid_thw.cpu(),
                     spatial_merge_size=merge,
@@ -56,11 +151,11 @@ class Qwen2VLAdapter(Adapter):
                 )
                 grouped = grouped[torch.argsort(window_index).to(grouped.device)]
             pre = grouped
-        images, offset = [], 0
-        for f, (_, h, w) in zip(record.features, grid_thw.tolist(), strict=True):
+        images, offset, frame = [], 0, 0
+        for f, (t, h, w) in zip(record.features, grid_thw.tolist(), strict=True):
             n = f.shape[0]
             gh, gw = int(h) // merge, int(w) // merge
-            idx = torch.arange(n, device=f.device) % (gh * gw)
+            idx = torch.arange(n, device=f.device) % (gh * gw)  # the token's merge unit inside its frame
             images.append(
                 ImageTokens(
                     features=f,
@@ -69,7 +164,10 @@ class Qwen2VLAdapter(Adapter):
                     groups=torch.arange(n, device=f.device) // (gh * gw),  # one group per frame
                     always_keep=torch.zeros(n, dtype=torch.bool, device=f.device),
                     pre_features=None if pre is None else pre[offset : offset + n],
+                    crops=list(range(frame, frame + int(t))),  # group g (frame g) reads crops[g]
+                    vision_patch_index=idx,  # unit; patch rows idx * merge**2 + (0 .. merge**2 - 1)
                 )
             )
             offset += n
+            frame += int(t)
         return images

@@ -32,6 +32,27 @@ def flow_score(ctx: ImageContext, layer: int, crop: Crop, alive: torch.Tensor) -
     return score, cls_attn
 
 
+def mean_query_flow_score(
+    ctx: ImageContext, layer: int, crop: Crop, alive: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen path (no CLS): flow score [a] of the ``alive`` local candidate *tokens* at one layer, and their
+    relation attention [a] (its entropy drives the schedule).
+
+    As the official FlowCut-Qwen ViT stage, the mean query ``q_bar`` (per head, over the alive patches) stands in
+    for CLS: ``relation = mean_h softmax(q_bar . k / sqrt(d))`` over the alive patches, ``score = relation *
+    ||mean_h v||_1`` (no semantic term, no normalisation). The official code scores and prunes single patches;
+    here a token's score and relation are the sums over its merge group of patches (pruning whole LLM tokens)."""
+    rows = ctx.vision.patch_rows(crop.rows[alive])  # [a, merge^2]
+    flat = rows.flatten()
+    q = ctx.vision.queries[layer][crop.crop][:, flat].float()  # [H, a * merge^2, d]
+    k = ctx.vision.keys[layer][crop.crop][:, flat]
+    v = ctx.vision.values[layer][crop.crop][:, flat].float()
+    q_bar = q.mean(1, keepdim=True)  # [H, 1, d]
+    relation = attention_rows(q_bar[None], k[None])[0, :, 0].mean(0)  # [a * merge^2]
+    score = relation * v.mean(0).abs().sum(-1)
+    return score.view(rows.shape).sum(1), relation.view(rows.shape).sum(1)
+
+
 def adaptive_prune_count(cls_attn: torch.Tensor, remaining_layers: int, target: int) -> int:
     """Tokens to prune at this layer: ``(N - target) / sqrt(rpl) * (1 - (H(p) / log N)^2)``, p = normalised CLS
     attention over the N alive patches. A flat (high-entropy) CLS attention prunes less."""
@@ -66,18 +87,29 @@ class FlowCut(Method):
     each crop's candidates after unpadding), ``image_newline`` tokens kept **on top of** the budget. Kept tokens in
     original order, ``reindex`` positions (contiguous, as the official LLaVA-1.5 code).
 
+    Qwen2-VL / Qwen2.5-VL (official ``FlowCut_Qwen``, written for Qwen2-VL): no CLS, so the mean query ``q_bar``
+    over the alive patches is the CLS surrogate (``mean_query_flow_score``): ``relation = mean_h softmax(q_bar .
+    k)``, ``score = relation * ||mean_h v||_1`` (the official Qwen ViT score has no semantic term and no
+    normalisation). Layers: every block, ``rpl = depth - idx - 1`` (the merger reads the last block, which the
+    official schedule also scores). The schedule runs on whole LLM tokens (a token's score and relation sum over
+    its 2x2 merge group) with target ``k`` tokens; the official prunes single patches to ``4 * 2k`` patches, then
+    merges whatever 4 consecutive patches survive and trims to ``k`` at LLM layer 1, none of which the framework
+    can reproduce. Attention is full attention over the frame's patches (Qwen2.5-VL's window blocks included).
+
     **Fidelity: an approximation.** The official FlowCut prunes progressively **inside** the vision tower: tokens
     pruned at layer ``idx`` are absent from every later layer, which changes the later layers' q/k/v, hidden states
     and therefore the projected features of the kept tokens. This framework decides after the encoder, so the
     schedule runs on the signals of the **unpruned** pass (only the softmaxes are restricted to the alive tokens)
     and the kept tokens carry their unpruned features. A faithful port needs a ``vision@L`` stage that drops rows
     between ViT layers. Also not reproduced: the official second stage at LLM layer 1 on LLaVA-NeXT / Qwen2-VL
-    (the ViT there keeps 2x the target and the LLM layer trims it), and Qwen2-VL (no CLS token, ViT not captured:
-    the sieve raises ``UnsupportedModelError`` naming the family; use a projector-stage method such as
-    ``divprune``).
+    (the ViT there keeps 2x the target and the LLM layer trims it), and FlowCut-Qwen's first-K positions.
+
+    ``layer``: ``None`` is the family's official schedule (CLIP: blocks ``0 .. n-3``, F = n - 2; Qwen: every
+    block). An explicit ``layer`` scores blocks ``0 .. F-1`` with ``F = feature_layer(layer)`` on both families.
+    With ``None`` the capture plan cannot know the family yet, so every block is captured.
     """
 
-    layer: int = -2  # vision_feature_layer of the model
+    layer: int | None = None  # vision_feature_layer; None: -2 on CLIP, every block on Qwen (official schedules)
 
     name = "flowcut"
     stage = "vision"
@@ -87,21 +119,28 @@ class FlowCut(Method):
     fidelity = (
         "APPROXIMATION: official prunes progressively inside the ViT (later layers never see pruned tokens); here "
         "the score schedule runs on the unpruned pass after the encoder (needs a vision@L stage to be faithful); "
-        "no LLM-layer-1 second stage on NeXT"
+        "no LLM-layer-1 second stage on NeXT/Qwen; Qwen: mean-query CLS surrogate (as official FlowCut-Qwen) on "
+        "whole merge groups, not single patches"
     )
 
-    def _layers(self, n_layers: int) -> list[int]:
-        last = feature_layer(self.layer, n_layers)
+    def _layers(self, n_layers: int, has_cls: bool) -> list[int]:
+        if self.layer is None and not has_cls:
+            return list(range(n_layers))  # Qwen: the merger reads the last block, and it is scored too
+        last = feature_layer(-2 if self.layer is None else self.layer, n_layers)
         if last == 0:
             raise MethodError("flowcut: the feature layer must be >= 1 so that at least one layer scores tokens")
         return list(range(last))
 
     def vision_layers(self, n_vision_layers: int) -> list[int]:
-        return self._layers(n_vision_layers)
+        if self.layer is not None:
+            return self._layers(n_vision_layers, True)
+        # the family is unknown when the capture is planned: Qwen's schedule (every block) covers CLIP's
+        return self._layers(n_vision_layers, False)
 
     def select(self, ctx: ImageContext, k: int) -> torch.Tensor:
-        require_vision(ctx, self.name)
-        layers = self._layers(ctx.vision.n_layers)
+        require_vision(ctx, self.name, needs_cls=False)
+        layers = self._layers(ctx.vision.n_layers, ctx.vision.has_cls)
+        score_fn = flow_score if ctx.vision.has_cls else mean_query_flow_score
         final = len(layers)  # F: rpl = F - idx - 1
         crops, extra = crops_of(ctx)
         keep = [extra]
@@ -113,7 +152,7 @@ class FlowCut(Method):
             for idx in layers:
                 if alive.numel() <= k_c:
                     break
-                score, cls_attn = flow_score(ctx, idx, crop, alive)
+                score, cls_attn = score_fn(ctx, idx, crop, alive)
                 cum = score if cum is None else 0.5 * cum + 0.5 * score
                 rpl = final - idx - 1
                 if rpl % 2:

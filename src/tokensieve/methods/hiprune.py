@@ -20,6 +20,18 @@ def global_attention(ctx: ImageContext, layer: int, crop: Crop) -> torch.Tensor:
     return received[crop.rows]
 
 
+def merged_received_attention(ctx: ImageContext, layer: int, crop: Crop, chunk: int = 1024) -> torch.Tensor:
+    """Qwen path: attention [m] received by each candidate token. Full attention over the frame's patches (window
+    blocks included, as HiPrune's official flash-attention path recomputes it), head mean, **summed** over all
+    queries, then averaged over the token's merge group of patches. Queries go in chunks: never the P x P map."""
+    q, k = ctx.vision.queries[layer][crop.crop], ctx.vision.keys[layer][crop.crop]  # [H, P, d], no CLS
+    received = None
+    for start in range(0, q.shape[1], chunk):
+        part = attention_rows(q[None, :, start : start + chunk], k[None])[0].mean(0).sum(0)  # [P]
+        received = part if received is None else received + part
+    return received[ctx.vision.patch_rows(crop.rows)].mean(1)
+
+
 def grid_neighbours(grid_rc: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
     """Local indices of the 4-neighbours (up, down, left, right) of ``anchors`` among the rows of ``grid_rc``
     [m, 2]; no wrap-around across rows, absent cells (pruned, unpadded) are skipped."""
@@ -50,27 +62,34 @@ class HiPrune(Method):
     5. No merging; kept tokens in original order, ``reindex`` positions (as the official code).
 
     Layers: ``object_layer`` is **1-based** as the official ``HIPRUNE_OBJECT_LAYER`` (it reads
-    ``attentions[l - 1]``); 9 for the 24-layer CLIP of LLaVA-1.5/NeXT. ``None`` scales it to the tower:
-    ``round(0.375 * n_layers)`` (9 of 24). ``deep_layer`` follows ``vision_feature_layer`` (default -2, the layer
-    LLaVA reads; official ``attentions[mm_vision_select_layer]``). Defaults: ``alpha = 0.1`` (anchors ~2% of k,
-    anchors plus buffers ~10%).
+    ``attentions[l - 1]``); ``None`` takes the official default scaled to the tower: ``round(0.375 * n_layers)``
+    on CLIP (9 of 24, LLaVA-1.5/NeXT), ``round(0.5 * n_layers)`` on Qwen (16 of 32). ``deep_layer`` uses the
+    ``vision_feature_layer`` convention; ``None`` is -2 on CLIP (the layer LLaVA reads; official
+    ``attentions[mm_vision_select_layer]``) and the last block on Qwen (the one the merger reads, as official).
+    With ``None`` the capture plan cannot know the family yet, so both families' default layers are captured
+    (at most 4 layers; only the family's 2 are read). Defaults: ``alpha = 0.1`` (anchors ~2% of k, anchors plus
+    buffers ~10%).
+
+    Qwen2-VL / Qwen2.5-VL (official ``Qwen2_5_VL/qwen2_5_vl_HiPrune.py``): the same rule on the merged token grid
+    (one frame per crop), with the per-token attention = full attention over the frame's patches recomputed from
+    the captured q/k (after the vision RoPE), head mean, **query sum**, averaged over the token's 2x2 merge group,
+    un-windowed. On Qwen2.5-VL's window blocks this full attention differs from the block's real windowed attention,
+    exactly as in the official FA path. Buffers are the 4-neighbours on the merged grid (official ``+-1, +-(W/2)``
+    on the flattened merged grid, where ``+-1`` wraps across rows).
 
     Differences from the official code:
 
     - The official buffers are ``anchor +- 1`` and ``anchor +- 24`` on the flattened grid, clamped to [0, 575]:
       ``+- 1`` wraps across rows (the last patch of a row buffers the first of the next). We take true grid
-      4-neighbours with no wrap-around.
+      4-neighbours with no wrap-around (both families).
     - Official LLaVA-NeXT handling is not reproduced exactly; we run the rule per crop with an even budget split.
-    - Attention is recomputed from the captured q/k (float32) rather than an eager CLIP forward (same values up
-      to rounding; the model runs under SDPA).
-    - Qwen2.5-VL (official: query-sum, 2x2 merge-group average, full attention recomputed on window layers) is
-      not supported here: the adapter does not capture the Qwen ViT, and the sieve raises
-      ``UnsupportedModelError`` naming the family; use a projector-stage method (e.g. ``divprune``) there.
+    - Attention is recomputed from the captured q/k (float32) rather than an eager forward (same values up to
+      rounding; the model runs under SDPA).
     """
 
     alpha: float = 0.1
-    object_layer: int | None = None  # 1-based, as HIPRUNE_OBJECT_LAYER; None: round(0.375 * n_layers)
-    deep_layer: int = -2  # vision_feature_layer convention
+    object_layer: int | None = None  # 1-based, as HIPRUNE_OBJECT_LAYER; None: 0.375 (CLIP) / 0.5 (Qwen) of depth
+    deep_layer: int | None = None  # vision_feature_layer convention; None: -2 (CLIP) / last block (Qwen)
 
     name = "hiprune"
     stage = "vision"
@@ -79,7 +98,8 @@ class HiPrune(Method):
     arxiv = "2508.00553"
     fidelity = (
         "buffers are true grid 4-neighbours (official +-1 wraps across rows); LLaVA-NeXT run per crop with an even "
-        "budget split; otherwise as Danielement321/HiPrune"
+        "budget split; Qwen: full attention recomputed on window blocks (as the official FA path); otherwise as "
+        "Danielement321/HiPrune"
     )
 
     def __post_init__(self) -> None:
@@ -89,25 +109,35 @@ class HiPrune(Method):
         if self.object_layer is not None and self.object_layer < 1:
             raise MethodError(f"hiprune: object_layer={self.object_layer} is 1-based; pass >= 1")
 
-    def _object_index(self, n_layers: int) -> int:
-        one_based = self.object_layer if self.object_layer is not None else max(1, round(0.375 * n_layers))
+    def _object_index(self, n_layers: int, has_cls: bool) -> int:
+        share = 0.375 if has_cls else 0.5  # official defaults: 9 of 24 (CLIP), 16 of 32 (Qwen2.5-VL)
+        one_based = self.object_layer if self.object_layer is not None else max(1, round(share * n_layers))
         if one_based > n_layers:
             raise MethodError(f"hiprune: object_layer={one_based} exceeds the tower's {n_layers} layers")
         return one_based - 1
 
+    def _deep_index(self, n_layers: int, has_cls: bool) -> int:
+        default = -2 if has_cls else -1  # the layer the projector reads
+        return feature_layer(default if self.deep_layer is None else self.deep_layer, n_layers)
+
     def vision_layers(self, n_vision_layers: int) -> list[int]:
-        return sorted({self._object_index(n_vision_layers), feature_layer(self.deep_layer, n_vision_layers)})
+        # the family is unknown when the capture is planned: take both families' defaults where a field is None
+        return sorted(
+            {self._object_index(n_vision_layers, cls) for cls in (True, False)}
+            | {self._deep_index(n_vision_layers, cls) for cls in (True, False)}
+        )
 
     def select(self, ctx: ImageContext, k: int) -> torch.Tensor:
-        require_vision(ctx, self.name)
-        n_layers = ctx.vision.n_layers
-        shallow_layer, deep_layer = self._object_index(n_layers), feature_layer(self.deep_layer, n_layers)
+        require_vision(ctx, self.name, needs_cls=False)
+        n_layers, has_cls = ctx.vision.n_layers, ctx.vision.has_cls
+        shallow_layer, deep_layer = self._object_index(n_layers, has_cls), self._deep_index(n_layers, has_cls)
+        attention = global_attention if has_cls else merged_received_attention
         crops, extra = crops_of(ctx)
         keep = [extra]
         for crop, k_c in zip(crops, split_budget(k, [c.cand.numel() for c in crops]), strict=True):
             if k_c == 0:
                 continue
-            shallow = global_attention(ctx, shallow_layer, crop)
+            shallow = attention(ctx, shallow_layer, crop)
             n_anchor = min(k_c, int(round(k_c * self.alpha / 5)))
             anchors = topk_indices(shallow, n_anchor)
             buffers = grid_neighbours(ctx.grid_rc[crop.cand], anchors)
@@ -117,7 +147,7 @@ class HiPrune(Method):
             if anchors.numel() + buffers.numel() > k_c:
                 buffers = buffers[topk_indices(shallow[buffers], k_c - anchors.numel())]
             chosen = torch.cat([anchors, buffers])
-            deep = global_attention(ctx, deep_layer, crop).clone()
+            deep = attention(ctx, deep_layer, crop).clone()
             deep[chosen] = -torch.inf  # official: deep_attn - 1[chosen]; attention <= 1 so both exclude them
             registers = topk_indices(deep, k_c - chosen.numel())
             keep.append(crop.cand[torch.cat([chosen, registers])])

@@ -51,9 +51,10 @@ class TCC(Method):
       rescale so the image total is ``k``, the framework's budget), ``min_density = 0.05``;
     - "CLS-attention-guided sampling" is deterministic top-k by CLS attention, head mean.
 
-    Designed for cropping document MLLMs (mPLUG-DocOwl1.5); here applied to LLaVA-NeXT crops. Qwen2-VL: no CLS and
-    the adapter does not capture its ViT; the sieve raises ``UnsupportedModelError`` naming the family (use a
-    projector-stage method such as ``divprune``).
+    Designed for cropping document MLLMs (mPLUG-DocOwl1.5); here applied to LLaVA-NeXT crops. Qwen2-VL /
+    Qwen2.5-VL: the ViT is captured but has no [CLS] token and no surrogate is implemented (the paper's sampling is
+    CLS-guided), so ``select`` raises ``MethodError`` naming the reason at the first forward (use ``hiprune`` /
+    ``flowcut`` or a projector-stage method such as ``divprune``).
     """
 
     similarity_threshold: float = 0.9

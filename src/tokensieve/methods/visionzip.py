@@ -27,17 +27,21 @@ class Crop:
     rows: torch.Tensor
 
 
-def require_vision(ctx: ImageContext, method: str) -> None:
-    """Fail clearly when the family gave no vision-tower signals (Qwen2-VL: no CLS, no capture)."""
+def require_vision(ctx: ImageContext, method: str, needs_cls: bool = True) -> None:
+    """Fail clearly when the family gave no vision-tower signals, or no [CLS] token to a method that reads one.
+
+    Qwen2-VL / Qwen2.5-VL are captured (``has_cls=False``): methods with an official Qwen path (HiPrune, FlowCut)
+    pass ``needs_cls=False``; VisionZip and TCC score by [CLS] attention, and no surrogate is implemented."""
     if ctx.vision is None or ctx.vision_patch_index is None:
         raise MethodError(
             f"{method} reads vision-tower attention, which the {ctx.family or 'this'} adapter did not capture; "
             f"use a projector-stage method (e.g. divprune) on this family."
         )
-    if not ctx.vision.has_cls or ctx.family.startswith("qwen"):
+    if needs_cls and not ctx.vision.has_cls:
         raise MethodError(
-            f"{method} scores tokens by [CLS] attention and the {ctx.family} vision tower has no [CLS] token; "
-            f"use a projector-stage method (e.g. divprune) on this family."
+            f"{method} scores tokens by [CLS] attention and the {ctx.family} vision tower has no [CLS] token "
+            f"(no CLS surrogate is implemented for {method}); use hiprune or flowcut (which have a Qwen path) or a "
+            f"projector-stage method (e.g. divprune) on this family."
         )
 
 
@@ -103,8 +107,10 @@ class VisionZip(Method):
       + CLS). We cannot add tokens to the placeholder sequence, so the CLS slot goes to one more dominant patch.
     - Attention is recomputed from the captured q/k (float32) instead of an eager CLIP forward; same values up to
       rounding, and the model runs under SDPA.
-    - Qwen2-VL / Qwen2.5-VL: not supported (no [CLS] token; the adapter does not capture the ViT). The sieve raises
-      ``UnsupportedModelError`` naming the family; use a projector-stage method (e.g. ``divprune``) there.
+    - Qwen2-VL / Qwen2.5-VL: not supported. The ViT is captured, but it has no [CLS] token and the paper and
+      official code define no substitute; rather than invent one (e.g. a mean-query surrogate) ``select`` raises
+      ``MethodError`` naming the reason at the first forward. Use ``hiprune`` / ``flowcut`` or a projector-stage
+      method (e.g. ``divprune``) there.
     """
 
     contextual_ratio: float = 5 / 32
