@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import tokensieve
+from tokensieve.adapters import UnsupportedModelError
 from tokensieve.budget import split_budget
 from tokensieve.context import ImageContext, Selection, VisionSignals
 from tokensieve.methods import make_method
-from tokensieve.methods.base import MethodError
 from tokensieve.methods.flowcut import adaptive_prune_count
 from tokensieve.methods.hiprune import grid_neighbours
 from tokensieve.methods.visionzip import crops_of
@@ -94,10 +94,11 @@ def test_keep_all_is_exact(family: str, method: str):
 
 @pytest.mark.parametrize("method", ["visionzip", "tcc"])
 def test_qwen_cls_methods_are_refused_with_a_clear_error(method: str):
-    # the Qwen ViT is captured now (hiprune/flowcut run there, tests/test_vision_qwen.py); CLS-only methods refuse
+    # the Qwen ViT is captured (hiprune/flowcut run there, tests/test_vision_qwen.py); CLS-only methods are
+    # refused when the sieve is built, before any forward pass
     model, _ = _model("qwen2_5_vl")
-    with pytest.raises(MethodError, match=r"no \[CLS\] token.*projector-stage"):
-        _run("qwen2_5_vl", method, 4)
+    with pytest.raises(UnsupportedModelError, match=r"no \[CLS\] token.*projector-stage"):
+        tokensieve.sieve(model, method, keep=4)
 
 
 def test_visionzip_writes_merged_tokens():

@@ -162,6 +162,13 @@ class Sieve:
                     f"{', '.join(users)} read(s) vision-tower attention, which the {self.adapter.family} adapter "
                     f"cannot capture yet; use a projector-stage method (e.g. divprune, zoo) on this family."
                 )
+        cls_readers = [m.name for m in self.methods if getattr(m, "requires_cls", False)]
+        if cls_readers and not self.adapter.vision_layout()[0]:
+            raise UnsupportedModelError(
+                f"{', '.join(cls_readers)} score(s) tokens by [CLS] attention and the {self.adapter.family} vision "
+                f"tower has no [CLS] token; use hiprune or flowcut (they have a Qwen path) or a projector-stage "
+                f"method (e.g. divprune, zoo) on this family."
+            )
         self.needs = needs
         self.vision_layers = sorted(
             {
@@ -551,8 +558,7 @@ class Sieve:
         vision = None
         if self.vision_layers:
             record = img.record
-            # CLS / merge layout of the tower's tensors; adapters without ``vision_layout`` are CLIP-like
-            has_cls, merge_size = getattr(self.adapter, "vision_layout", lambda: (True, 1))()
+            has_cls, merge_size = self.adapter.vision_layout()
             vision = VisionSignals(
                 has_cls=has_cls, merge_size=merge_size, n_layers=len(self.adapter.vision_attention_layers())
             )

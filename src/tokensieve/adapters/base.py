@@ -98,6 +98,10 @@ class Adapter:
     def vision_encoder_layers(self) -> list[nn.Module]:
         return []
 
+    def vision_layout(self) -> tuple[bool, int]:
+        """(the vision tensors start with a CLS row, patches per LLM token along each axis). CLIP: (True, 1)."""
+        return True, 1
+
     def install_vision_capture(self, layers: list[int], sink: Callable[[], FeatureRecord | None]) -> list:
         """Hook the vision tower so that each call stores q/k/v [crops, T, H, d] and the output hidden states
         [crops, T, d_v] of ``layers`` into ``sink()`` (the record being captured). Returns the hook handles."""

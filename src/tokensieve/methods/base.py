@@ -55,6 +55,7 @@ class Method:
     paper: ClassVar[str] = ""
     arxiv: ClassVar[str] = ""
     fidelity: ClassVar[str] = "faithful"  # or a short note on what differs from the official code
+    requires_cls: ClassVar[bool] = False  # reads the vision tower's [CLS] token (checked before any forward pass)
 
     def __post_init__(self) -> None:
         validate_keep(self.keep)

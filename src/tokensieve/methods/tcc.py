@@ -63,6 +63,7 @@ class TCC(Method):
 
     name = "tcc"
     stage = "vision"
+    requires_cls = True
     needs = frozenset({"vision_qk"})
     paper = "Token-level Correlation-guided Compression for Efficient Multimodal Document Understanding"
     arxiv = "2407.14439"

@@ -118,6 +118,7 @@ class VisionZip(Method):
 
     name = "visionzip"
     stage = "vision"
+    requires_cls = True
     needs = frozenset({"vision_qk", "vision_hidden", "projector"})
     paper = "VisionZip: Longer is Better but Not Necessary in Vision Language Models (CVPR 2025)"
     arxiv = "2412.04467"
