@@ -9,9 +9,10 @@ import torch
 import tokensieve
 from tokensieve.budget import stages_layer_average
 from tokensieve.context import LayerCapture, LLMContext, Selection
+from tokensieve.methods._schedule import fit_stages, scale_layers
 from tokensieve.methods.dart import DART
 from tokensieve.methods.entropyprune import EntropyPrune, find_entropy_collapse_layer, image_query_entropy_per_layer
-from tokensieve.methods.pdrop import PDrop, scale_layers
+from tokensieve.methods.pdrop import PDrop
 from tokensieve.methods.sparsevlm import SparseVLM
 from tokensieve.methods.transprune import TransPrune, transition_variation
 from tokensieve.testing import qwen_image_prompt, random_image, tiny_llava, tiny_llava_next, tiny_qwen2_5_vl
@@ -170,6 +171,10 @@ def test_paper_schedules_at_32_layers():
     assert PDrop(keep=128, average_budget=True).llm_layers(32) == [3, 16, 24]
     assert PDrop(keep=192, average_budget=True).llm_layers(32) == [8, 16, 24]
     assert scale_layers((0.25, 0.5, 0.75), 4) == [1, 2, 3]
+    # a model too shallow for every stage runs the first ones, the last stage keeping the final target
+    assert scale_layers((0.25, 0.5, 0.75), 3) == [1, 2]
+    assert fit_stages([0.875, 0.625, 0.125], 2) == [0.875, 0.125]
+    assert PDrop(keep=0.5).llm_layers(3) == [1, 2]
     assert SparseVLM().llm_layers(4) == [1, 2, 3]
 
 

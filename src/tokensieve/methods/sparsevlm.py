@@ -10,8 +10,8 @@ import torch
 from ..budget import resolve_keep
 from ..context import LLMContext, Selection
 from ..ops import density_peak_clusters, merge_by_assignment
+from ._schedule import PAPER_DEPTH, PAPER_TOKENS, check_layers, fit_stages, scale_layers, solve_schedule
 from .base import LLMMethod, MethodError, register
-from .pdrop import PAPER_DEPTH, PAPER_TOKENS, check_layers, scale_layers, solve_schedule
 
 # v1 per-stage kept counts for a 576-token image at layers [2, 6, 15] (LightCompress ``sparsevlm.py``), keyed by
 # the layer-averaged budget they are quoted at.
@@ -93,9 +93,9 @@ class SparseVLM(LLMMethod):
         """Visual tokens kept after each stage (recycled slots included)."""
         layers = self.llm_layers(n_layers)
         if self.schedule is not None:
-            if len(self.schedule) != len(layers):
+            if self.layers is not None and len(self.schedule) != len(layers):
                 raise MethodError(f"sparsevlm: {len(self.schedule)} schedule entries for {len(layers)} layers")
-            return [max(1, int(f * n_tokens)) for f in self.schedule]
+            return [max(1, int(f * n_tokens)) for f in fit_stages(self.schedule, len(layers))]
         ratio = self.keep if isinstance(self.keep, float) else self.keep / n_tokens
         if len(layers) == 3:
             for budget, counts in PAPER_SCHEDULES.items():

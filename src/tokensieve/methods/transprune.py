@@ -9,8 +9,8 @@ import torch
 from ..budget import resolve_keep
 from ..context import LayerCapture, LLMContext
 from ..ops import topk_indices
+from ._schedule import PAPER_DEPTH, check_layers, fit_stages, scale_layers, solve_schedule
 from .base import LLMMethod, MethodError, register
-from .pdrop import PAPER_DEPTH, check_layers, scale_layers, solve_schedule
 
 
 def transition_variation(before: torch.Tensor, after: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -95,7 +95,7 @@ class TransPrune(LLMMethod):
             layers = check_layers(self.name, self.layers, n_layers)
         else:
             layers = scale_layers(self.layer_fractions, n_layers)
-        if len(layers) != len(self.ratios):
+        if self.layers is not None and len(layers) != len(self.ratios):
             raise MethodError(f"transprune: {len(self.ratios)} ratios for {len(layers)} stage layers")
         return layers
 
@@ -111,10 +111,11 @@ class TransPrune(LLMMethod):
     def stage_counts(self, n_tokens: int, n_layers: int) -> list[int]:
         """Visual tokens kept after each stage."""
         layers = self.llm_layers(n_layers)
-        last = self.ratios[-1]
+        ratios = fit_stages(self.ratios, len(layers))  # a shallow model runs fewer stages
+        last = ratios[-1]
 
         def counts(t: float) -> list[int]:
-            return [max(1, min(n_tokens, int(n_tokens * r * t / last + 1e-9))) for r in self.ratios]
+            return [max(1, min(n_tokens, int(n_tokens * r * t / last + 1e-9))) for r in ratios]
 
         if self.average_budget:
             return solve_schedule(counts, resolve_keep(self.keep, n_tokens), layers, n_tokens, n_layers)
