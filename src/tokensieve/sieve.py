@@ -742,6 +742,9 @@ class Sieve:
 
     def _compact(self, request: _Request, layer: int, keep_rows: torch.Tensor, policy: str, hidden: torch.Tensor):
         """Drop the rows not in ``keep_rows`` from the current layout and open a segment at ``layer``."""
+        if bool(torch.equal(keep_rows, request.layout_valid)):
+            # Nothing was dropped: the layers keep the model's own mask and positions (bit-exact, no overhead).
+            return hidden
         counts = keep_rows.sum(1)
         new_len = int(counts.max())
         order = torch.sort(keep_rows.int(), dim=1, stable=True).indices[:, -new_len:]  # kept rows, left-padded
