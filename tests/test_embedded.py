@@ -8,6 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from tokensieve.embedded import synthetic
 from tokensieve.embedded.build import EMBEDDED_DIR, build_processor, build_tokenizer, load_embedded
@@ -17,6 +18,8 @@ from tokensieve.embedded.train import BatchBuilder, TrainingExample, pixel_tenso
 
 # Minimum per-family accuracy of the shipped model on the first 40 test samples per family.
 SHIPPED_MIN_ACCURACY = 0.90
+# Keeping 11% of the visual tokens at random must cost at least this much mean accuracy.
+RANDOM_KEEP_RATIO, MIN_RANDOM_PRUNING_DROP = 0.11, 0.15
 
 
 def _image_digest(image) -> str:
@@ -38,9 +41,8 @@ def test_generator_is_deterministic():
 
 
 def test_splits_are_disjoint():
-    images = {
-        split: {_image_digest(s.image) for s in make_split(split, 12, seed=0)} for split in ("train", "val", "test")
-    }
+    splits = ("train", "val", "test")
+    images = {split: {_image_digest(s.image) for s in make_split(split, 12, seed=0)} for split in splits}
     assert not images["train"] & images["val"]
     assert not images["train"] & images["test"]
     assert not images["val"] & images["test"]
@@ -91,9 +93,8 @@ def test_processor_expands_image_tokens():
     image_id = processor.tokenizer.convert_tokens_to_ids(synthetic.IMAGE_TOKEN)
     per_image = GRID * GRID
     single = make_split("val", 1)[:2]
-    inputs = processor(
-        images=[s.image for s in single], text=[prompt_for(s) for s in single], return_tensors="pt", padding=True
-    )
+    texts = [prompt_for(s) for s in single]
+    inputs = processor(images=[s.image for s in single], text=texts, return_tensors="pt", padding=True)
     assert inputs["pixel_values"].shape == (2, 3, synthetic.IMAGE_SIZE, synthetic.IMAGE_SIZE)
     assert (inputs["input_ids"] == image_id).sum(dim=1).tolist() == [per_image, per_image]
     multi = make_incontext(1, shots=2)[0]
@@ -111,7 +112,8 @@ def test_training_inputs_match_the_processor():
     ids, labels = builder.row([example])
     prompt_ids = inputs["input_ids"][0].tolist()
     assert ids[: len(prompt_ids)] == prompt_ids
-    target = processor.tokenizer.convert_tokens_to_ids(sample.answer.split()) + [processor.tokenizer.eos_token_id]
+    tokenizer = processor.tokenizer
+    target = tokenizer.convert_tokens_to_ids(sample.answer.split()) + [tokenizer.eos_token_id]
     assert ids[len(prompt_ids) :] == target
     assert labels[len(prompt_ids) :] == target
     assert torch.equal(pixel_tensor([sample.image]), inputs["pixel_values"])
@@ -139,3 +141,46 @@ def test_shipped_model_accuracy(shipped):
     scores = accuracy(samples, answer(model, processor, samples, batch_size=40))
     for family in FAMILIES:
         assert scores[family] >= SHIPPED_MIN_ACCURACY, scores
+
+
+def _answer_with_random_tokens(model, processor, samples, keep_ratio: float, seed: int = 0) -> list[str]:
+    """Greedy answers when only a random subset of each image's visual tokens reaches the LM (plain HF)."""
+    tokenizer = processor.tokenizer
+    generator = torch.Generator().manual_seed(seed)
+    texts = [prompt_for(s) for s in samples]
+    inputs = processor(images=[s.image for s in samples], text=texts, return_tensors="pt", padding=True)
+    ids = inputs["input_ids"]
+    with torch.inference_mode():
+        features = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+        kept_features, keep_positions = [], torch.ones_like(ids, dtype=torch.bool)
+        for row, image_features in enumerate(features):
+            n_tokens = image_features.shape[0]
+            keep = torch.randperm(n_tokens, generator=generator)[: round(keep_ratio * n_tokens)].sort().values
+            dropped = torch.ones(n_tokens, dtype=torch.bool)
+            dropped[keep] = False
+            image_positions = (ids[row] == model.config.image_token_id).nonzero().squeeze(1)
+            keep_positions[row, image_positions[dropped]] = False
+            kept_features.append(image_features[keep])
+        pruned_ids = ids[keep_positions].view(len(samples), -1)
+        output = model.generate(
+            input_ids=pruned_ids,
+            attention_mask=inputs["attention_mask"][keep_positions].view(len(samples), -1),
+            mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=kept_features)},
+            max_new_tokens=2,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    decoded = tokenizer.batch_decode(output[:, pruned_ids.shape[1] :], skip_special_tokens=True)
+    return [" ".join(text.split()) for text in decoded]
+
+
+def test_random_pruning_costs_accuracy(shipped):
+    model, processor = shipped
+    samples = make_split("test", 40)
+    full = accuracy(samples, answer(model, processor, samples, batch_size=40))["mean"]
+    kept_all = _answer_with_random_tokens(model, processor, samples[:20], keep_ratio=1.0)
+    assert kept_all == answer(model, processor, samples[:20])
+    pruned_answers = _answer_with_random_tokens(model, processor, samples, RANDOM_KEEP_RATIO)
+    pruned = accuracy(samples, pruned_answers)["mean"]
+    assert full - pruned >= MIN_RANDOM_PRUNING_DROP, (full, pruned)

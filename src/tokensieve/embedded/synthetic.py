@@ -397,30 +397,56 @@ def _tokens_of(covered: dict[int, list[int]], object_indices: list[int]) -> list
 
 @dataclass
 class TrainingExample:
-    """One training image with several (question, answer) turns and its per-token labels."""
+    """One training image with several (question, answer) turns and its per-token labels.
+
+    ``pointers[i]`` is, for turn ``i``, the grid indices of the centre tokens of the objects its question
+    describes and whether the sequence start (a "nothing / how many" sink) belongs to the target too.
+    """
 
     image: Image.Image
     turns: list[tuple[str, str]]
-    labels: TokenLabels
+    labels: TokenLabels | None
+    pointers: list[tuple[list[int], bool]] = field(default_factory=list)
 
 
-def make_training_example(rng: np.random.Generator, max_turns: int = len(FAMILIES)) -> TrainingExample:
-    """A random scene built for one balanced primary question, plus derived questions of other families."""
+def pointer_target(scene: Scene, question: str) -> tuple[list[int], bool]:
+    """Centre tokens of the objects matching every colour/shape word of ``question``, and whether the
+    sequence start is part of the target (existence and counting questions, where matches may be absent)."""
+    words = question.split()
+    colors = {w for w in words if w in COLORS}
+    shapes = {w for w in words if w in SHAPES} | {s for s, plural in SHAPE_PLURALS.items() if plural in words}
+    anchors = [
+        scene.centre_token(o)
+        for o in scene.objects
+        if (not colors or o.color in colors) and (not shapes or o.shape in shapes)
+    ]
+    with_start = words[0] in ("is", "how")
+    return [row * GRID + col for row, col in anchors], with_start
+
+
+def make_training_example(rng: np.random.Generator, max_turns: int = 8) -> TrainingExample:
+    """A random scene built for one balanced primary question, plus derived questions (other families
+    first, then further ones in rounds), without repeating a question; turns are shuffled."""
     family = _pick(rng, FAMILIES)
     answer = _pick(rng, ANSWERS[family])
     objects, question, _ = _build(family, answer, rng)
     scene = _new_scene(objects, rng)
     image, labels, _ = render_scene(scene, rng)
-    turns = [(question, answer)]
+    turns = {question: answer}
     others = [f for f in FAMILIES if f != family]
-    for index in rng.permutation(len(others)):
+    rounds = [others[i] for i in rng.permutation(len(others))] + [
+        FAMILIES[i] for i in rng.permutation(len(FAMILIES))
+    ]
+    for other in rounds:
         if len(turns) >= max_turns:
             break
-        derived = derive_question(scene, others[index], rng)
-        if derived is not None:
-            turns.append(derived[:2])
-    order = rng.permutation(len(turns))
-    return TrainingExample(image=image, turns=[turns[i] for i in order], labels=labels)
+        derived = derive_question(scene, other, rng)
+        if derived is not None and derived[0] not in turns:
+            turns[derived[0]] = derived[1]
+    pairs = list(turns.items())
+    pairs = [pairs[i] for i in rng.permutation(len(pairs))]
+    pointers = [pointer_target(scene, question) for question, _ in pairs]
+    return TrainingExample(image=image, turns=pairs, labels=labels, pointers=pointers)
 
 
 def make_sample(family: str, answer: str, rng: np.random.Generator) -> Sample:

@@ -1,4 +1,4 @@
-"""Train the embedded LLaVA from scratch on the synthetic tasks (CPU, wall-clock budget).
+"""Train the embedded LLaVA from scratch on the synthetic tasks (CPU; step budget with a wall-clock cap).
 
 Recipe (see docs in ``/work/shared/research/feasibility.md`` for why):
 
@@ -9,7 +9,8 @@ Recipe (see docs in ``/work/shared/research/feasibility.md`` for why):
   (shape x colour), the digit printed on it, whether it is an object's centre token (for counting
   objects rather than area), and its grid row and column (for position questions). Without it the
   visual tokens collapse and the LM learns only the text prior;
-- AdamW, warmup then cosine decay over the wall-clock budget, fp32, gradient clipping.
+- AdamW, warmup then cosine decay over the budget (steps, or the wall-clock cap if that comes first; on a
+  shared CPU the cap keeps the schedule complete), fp32, gradient clipping.
 
 The saved artefact is a plain HF ``LlavaForConditionalGeneration`` plus processor (``save_pretrained``).
 """
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from tokensieve.embedded.build import (
     EMBEDDED_DIR,
@@ -64,7 +66,8 @@ AUX_HEADS: dict[str, int] = {
 class TrainConfig:
     """Hyperparameters of one training run."""
 
-    minutes: float = 45.0
+    steps: int = 3600
+    minutes: float = 50.0  # wall-clock cap
     seed: int = 0
     batch_size: int = 16
     lr: float = 1.5e-3
@@ -72,14 +75,18 @@ class TrainConfig:
     warmup_steps: int = 150
     min_lr_ratio: float = 0.05
     aux_weight: float = 1.0
+    pointer_weight: float = 1.0
+    pointer_layer: int = 1
+    pointer_heads: int = 2
     multi_image_fraction: float = 0.08
     vision_hidden: int = 128
-    vision_layers: int = 3
+    vision_layers: int = 2
     text_hidden: int = 128
     text_layers: int = 3
     heads: int = 4
     bf16: bool = False  # bf16 autocast was ~10x slower than fp32 on the 2-core CPU used
-    eval_every_minutes: float = 4.0
+    eval_every_steps: int = 600
+    eval_every_minutes: float = 12.0
     eval_per_family: int = 40
     threads: int = 2
 
@@ -115,27 +122,47 @@ class BatchBuilder:
 
     def row(self, segments: list[TrainingExample]) -> tuple[list[int], list[int]]:
         """Ids and labels (-100 where unsupervised) for one row of one or more images with their turns."""
-        ids, labels = [self.bos_id], [-100]
+        ids, labels, _ = self.row_with_pointers(segments)
+        return ids, labels
+
+    def row_with_pointers(self, segments: list[TrainingExample]) -> tuple[list[int], list[int], list]:
+        """Like :meth:`row`, plus per turn (position of ``answer:``, target key positions) for the pointer
+        loss; the sequence start (position 0) is a target for existence/count questions."""
+        ids, labels, pointers = [self.bos_id], [-100], []
         for segment in segments:
+            image_start = len(ids)
             ids += [self.image_id] * self.image_tokens
             labels += [-100] * self.image_tokens
-            for question, reply in segment.turns:
+            for turn, (question, reply) in enumerate(segment.turns):
                 prompt = self._ids(f"{question} {ANSWER_MARK}")
                 target = self._ids(reply) + [self.eos_id]
                 ids += prompt + target
                 labels += [-100] * len(prompt) + target
-        return ids, labels
+                if turn < len(segment.pointers):
+                    anchors, with_start = segment.pointers[turn]
+                    keys = [image_start + a for a in anchors] + ([0] if with_start else [])
+                    if keys:
+                        pointers.append((len(ids) - len(target) - 1, keys))
+        return ids, labels, pointers
 
     def batch(self, rows: list[list[TrainingExample]]) -> dict[str, torch.Tensor]:
-        encoded = [self.row(segments) for segments in rows]
-        length = max(len(ids) for ids, _ in encoded)
+        encoded = [self.row_with_pointers(segments) for segments in rows]
+        length = max(len(ids) for ids, _, _ in encoded)
         input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), length), -100, dtype=torch.long)
         attention = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, (ids, row_labels) in enumerate(encoded):  # right padding is fine for causal training
+        pointer_rows, pointer_queries, pointer_keys = [], [], []
+        for i, (ids, row_labels, pointers) in enumerate(encoded):  # right padding is fine for causal training
             input_ids[i, : len(ids)] = torch.tensor(ids)
             labels[i, : len(ids)] = torch.tensor(row_labels)
             attention[i, : len(ids)] = 1
+            for query, keys in pointers:
+                pointer_rows.append(i)
+                pointer_queries.append(query)
+                pointer_keys.append(keys)
+        pointer_target = torch.zeros((len(pointer_rows), length))
+        for t, keys in enumerate(pointer_keys):
+            pointer_target[t, keys] = 1.0 / len(keys)
         examples = [segment for segments in rows for segment in segments]
         targets = {
             "object": np.stack([e.labels.object_class for e in examples]),
@@ -150,6 +177,9 @@ class BatchBuilder:
             "labels": labels,
             "attention_mask": attention,
             "pixel_values": pixel_tensor([e.image for e in examples]),
+            "pointer_row": torch.tensor(pointer_rows, dtype=torch.long),
+            "pointer_query": torch.tensor(pointer_queries, dtype=torch.long),
+            "pointer_target": pointer_target,
             **{f"aux_{k}": torch.as_tensor(np.ascontiguousarray(v)) for k, v in targets.items()},
         }
 
@@ -165,9 +195,39 @@ def sample_rows(rng: np.random.Generator, batch_size: int, multi_image_fraction:
     return [[make_training_example(rng)] for _ in range(batch_size)]
 
 
-def forward_losses(model, aux_head: nn.Linear, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Answer loss, per-head aux losses and feature statistics for one batch."""
+def pointer_loss(
+    attention: nn.Module, captured: dict, batch: dict[str, torch.Tensor], heads: int
+) -> torch.Tensor:
+    """Cross-entropy between the first ``heads`` attention heads' distributions at each ``answer:`` token
+    (recomputed from the layer's own q/k projections after RoPE) and the target key positions."""
+    hidden = captured["hidden_states"]
+    cos, sin = captured["position_embeddings"]
+    n_rows, length, _ = hidden.shape
+    query = attention.q_proj(hidden).view(n_rows, length, -1, attention.head_dim).transpose(1, 2)
+    key = attention.k_proj(hidden).view(n_rows, length, -1, attention.head_dim).transpose(1, 2)
+    query, key = apply_rotary_pos_emb(query, key, cos, sin)
+    rows, positions = batch["pointer_row"], batch["pointer_query"]
+    query = query[rows, :heads, positions]  # (turns, heads, head_dim)
+    key = key[rows, :heads]  # (turns, heads, length, head_dim)
+    logits = torch.einsum("thd,thld->thl", query, key).float() * attention.scaling
+    allowed = (torch.arange(length)[None, :] <= positions[:, None]) & batch["attention_mask"][rows].bool()
+    log_probs = logits.masked_fill(~allowed[:, None, :], float("-inf")).log_softmax(dim=-1)
+    log_probs = log_probs.masked_fill(~allowed[:, None, :], 0.0)
+    return -(batch["pointer_target"][:, None, :] * log_probs).sum(dim=-1).mean()
+
+
+def forward_losses(
+    model, aux_head: nn.Linear, batch: dict[str, torch.Tensor], pointer_layer: int = 1, pointer_heads: int = 2
+) -> dict[str, torch.Tensor]:
+    """Answer loss, per-head aux losses, pointer loss and feature statistics for one batch."""
     inner = model.model
+    attention = inner.language_model.layers[pointer_layer].self_attn
+    captured: dict = {}
+
+    def capture(module, args, kwargs):
+        captured["hidden_states"] = args[0] if args else kwargs["hidden_states"]
+        captured["position_embeddings"] = kwargs["position_embeddings"]
+
     features = inner.get_image_features(
         pixel_values=batch["pixel_values"], vision_feature_layer=-1, vision_feature_select_strategy="default"
     ).pooler_output
@@ -175,14 +235,21 @@ def forward_losses(model, aux_head: nn.Linear, batch: dict[str, torch.Tensor]) -
     embeds = inner.get_input_embeddings()(batch["input_ids"])
     image_mask = (batch["input_ids"] == model.config.image_token_id).unsqueeze(-1)
     embeds = embeds.masked_scatter(image_mask, features.to(embeds.dtype))
-    hidden = inner.language_model(
-        inputs_embeds=embeds, attention_mask=batch["attention_mask"]
-    ).last_hidden_state
+    handle = attention.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        output = inner.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"])
+    finally:
+        handle.remove()
+    hidden = output.last_hidden_state
     next_labels = batch["labels"][:, 1:]
     supervised = next_labels != -100
     logits = model.lm_head(hidden[:, :-1][supervised])
     losses = {"answer": F.cross_entropy(logits.float(), next_labels[supervised])}
-    aux_logits = aux_head(features).float().split(list(AUX_HEADS.values()), dim=-1)
+    if len(batch["pointer_row"]):
+        losses["pointer"] = pointer_loss(attention, captured, batch, pointer_heads)
+    # The aux head sees RMS-normalised features, so it gives no incentive to grow their norm.
+    normalised = F.rms_norm(features, (features.shape[-1],))
+    aux_logits = aux_head(normalised).float().split(list(AUX_HEADS.values()), dim=-1)
     for (name, classes), head_logits in zip(AUX_HEADS.items(), aux_logits, strict=True):
         losses[f"aux_{name}"] = F.cross_entropy(
             head_logits.reshape(-1, classes), batch[f"aux_{name}"].reshape(-1)
@@ -207,8 +274,10 @@ def _format(scores: dict[str, float]) -> str:
     return " ".join(f"{k} {100 * v:5.1f}" for k, v in scores.items())
 
 
-def train(out_dir: str | Path = EMBEDDED_DIR, minutes: float = 45.0, seed: int = 0, **overrides) -> dict:
-    """Train for ``minutes`` of wall time; saves the best-on-validation model + processor in ``out_dir``.
+def train(out_dir: str | Path = EMBEDDED_DIR, minutes: float = 50.0, seed: int = 0, **overrides) -> dict:
+    """Train for ``steps`` steps or ``minutes`` of wall time, whichever ends first.
+
+    Saves the best-on-validation model + processor in ``out_dir``.
 
     Returns the final validation scores of the saved model.
     """
@@ -265,9 +334,9 @@ def train(out_dir: str | Path = EMBEDDED_DIR, minutes: float = 45.0, seed: int =
 
     while True:
         elapsed = time.perf_counter() - start
-        if elapsed >= budget:
+        if elapsed >= budget or step >= config.steps:
             break
-        progress = elapsed / budget
+        progress = max(elapsed / budget, step / config.steps)
         warm = min(1.0, (step + 1) / config.warmup_steps)
         cosine = config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
         for group in optimizer.param_groups:
@@ -275,9 +344,9 @@ def train(out_dir: str | Path = EMBEDDED_DIR, minutes: float = 45.0, seed: int =
 
         batch = builder.batch(sample_rows(rng, config.batch_size, config.multi_image_fraction))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
-            losses = forward_losses(model, aux_head, batch)
+            losses = forward_losses(model, aux_head, batch, config.pointer_layer, config.pointer_heads)
         aux = sum(v for k, v in losses.items() if k.startswith("aux_")) / len(AUX_HEADS)
-        loss = losses["answer"] + config.aux_weight * aux
+        loss = losses["answer"] + config.aux_weight * aux + config.pointer_weight * losses.get("pointer", 0.0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -289,13 +358,14 @@ def train(out_dir: str | Path = EMBEDDED_DIR, minutes: float = 45.0, seed: int =
         if step % 50 == 0:
             rate = images_seen / (time.perf_counter() - start)
             print(
-                f"step {step} t {elapsed / 60:5.1f}m img {images_seen} ({rate:.0f}/s) "
+                f"step {step} t {elapsed / 60:5.1f}m cpu {time.process_time() / 60:5.1f}m "
+                f"img {images_seen} ({rate:.0f}/s) "
                 f"lr {optimizer.param_groups[0]['lr']:.2e} "
                 + " ".join(f"{k} {v:.3f}" for k, v in running.items()),
                 flush=True,
             )
-        if time.perf_counter() - start >= next_eval:
-            next_eval += 60.0 * config.eval_every_minutes
+        if step % config.eval_every_steps == 0 or time.perf_counter() - start >= next_eval:
+            next_eval = time.perf_counter() - start + 60.0 * config.eval_every_minutes
             scores = evaluate_model(model, processor, val_samples, val_incontext)
             print(
                 f"eval step {step} t {(time.perf_counter() - start) / 60:.1f}m val {_format(scores)}",
@@ -306,23 +376,30 @@ def train(out_dir: str | Path = EMBEDDED_DIR, minutes: float = 45.0, seed: int =
     scores = evaluate_model(model, processor, val_samples, val_incontext)
     print(f"final step {step} t {(time.perf_counter() - start) / 60:.1f}m val {_format(scores)}", flush=True)
     save_if_best(scores)
-    print(f"best val {_format(best_scores)}; wall {(time.perf_counter() - start) / 60:.1f} min", flush=True)
+    print(
+        f"best val {_format(best_scores)}; wall {(time.perf_counter() - start) / 60:.1f} min, "
+        f"process cpu {time.process_time() / 60:.1f} min",
+        flush=True,
+    )
     return best_scores
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train the embedded tiny LLaVA on the synthetic VQA tasks.")
     parser.add_argument("--out-dir", default=str(EMBEDDED_DIR))
-    parser.add_argument("--minutes", type=float, default=TrainConfig.minutes)
+    parser.add_argument("--steps", type=int, default=TrainConfig.steps)
+    parser.add_argument("--minutes", type=float, default=TrainConfig.minutes, help="wall-clock cap")
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     parser.add_argument("--lr", type=float, default=TrainConfig.lr)
     parser.add_argument("--aux-weight", type=float, default=TrainConfig.aux_weight)
+    parser.add_argument("--pointer-weight", type=float, default=TrainConfig.pointer_weight)
     parser.add_argument("--multi-image-fraction", type=float, default=TrainConfig.multi_image_fraction)
     parser.add_argument("--vision-hidden", type=int, default=TrainConfig.vision_hidden)
     parser.add_argument("--vision-layers", type=int, default=TrainConfig.vision_layers)
     parser.add_argument("--text-hidden", type=int, default=TrainConfig.text_hidden)
     parser.add_argument("--text-layers", type=int, default=TrainConfig.text_layers)
+    parser.add_argument("--eval-every-steps", type=int, default=TrainConfig.eval_every_steps)
     parser.add_argument("--eval-every-minutes", type=float, default=TrainConfig.eval_every_minutes)
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (slower than fp32 on some CPUs)")
     args = parser.parse_args(argv)
@@ -333,11 +410,14 @@ def main(argv: list[str] | None = None) -> None:
         batch_size=args.batch_size,
         lr=args.lr,
         aux_weight=args.aux_weight,
+        pointer_weight=args.pointer_weight,
         multi_image_fraction=args.multi_image_fraction,
         vision_hidden=args.vision_hidden,
         vision_layers=args.vision_layers,
         text_hidden=args.text_hidden,
         text_layers=args.text_layers,
+        steps=args.steps,
+        eval_every_steps=args.eval_every_steps,
         eval_every_minutes=args.eval_every_minutes,
         bf16=args.bf16,
     )
