@@ -99,10 +99,11 @@ def _reference_last_logits(model, single_inputs, kept_cols: torch.Tensor, policy
         return model.lm_head(hidden[:, -1])
 
 
+@pytest.mark.parametrize("padding_side", ["left", "right"])
 @pytest.mark.parametrize("policy", ["reindex", "original"])
-def test_projector_pruning_matches_reference(family, policy):
+def test_projector_pruning_matches_reference(family, policy, padding_side):
     model, proc = build(family)
-    inputs = make_inputs(family, "left")
+    inputs = make_inputs(family, padding_side)
     with tokensieve.sieve(model, "divprune", keep=0.5, positions=policy) as s:
         pruned = _logits(model, inputs)
     for b in range(2):
@@ -123,7 +124,8 @@ def test_projector_pruning_matches_reference(family, policy):
         text_cols = torch.nonzero(row["input_ids"][0] != model.config.image_token_id).flatten()
         kept_cols = torch.sort(torch.cat([kept, text_cols])).values
         reference = _reference_last_logits(model, row, kept_cols, policy)
-        assert torch.allclose(pruned[b, -1], reference[0], atol=1e-4), (family, policy, b)
+        last = int(torch.nonzero(inputs["attention_mask"][b]).max())
+        assert torch.allclose(pruned[b, last], reference[0], atol=1e-4), (family, policy, padding_side, b)
 
 
 # ----- decoding after a pruned prefill -------------------------------------------------------------------------------
@@ -349,3 +351,34 @@ def test_trace_counts_per_layer(family_name):
         _logits(model, inputs)
     n = s.trace.images[(0, 0)]["n_tokens"]
     assert s.trace.counts_per_layer(0, 0) == [int(0.5 * n)] * 3 + [2]
+
+
+def test_pre_projector_features_line_up_with_tokens(family):
+    """project(pre_features) gives each token's own feature: the adapters map crops, unpadding, newlines
+    (LLaVA-NeXT) and window order (Qwen2.5-VL) correctly, which ZOO-Prune's sensitivity relies on."""
+    from tokensieve.context import ImageContext
+
+    seen: list[ImageContext] = []
+
+    @dataclass
+    class _Spy(Method):
+        name = "_test_spy"
+        stage = "projector"
+        needs = frozenset({"features", "pre_features", "projector"})
+
+        def select(self, ctx, k):
+            seen.append(ctx)
+            return torch.arange(k)
+
+    model, _ = build(family)
+    inputs = make_inputs(family, images_per_prompt=2)
+    with tokensieve.sieve(model, _Spy(keep=1)):
+        _logits(model, inputs)
+    assert len(seen) == 4
+    for ctx in seen:
+        tokens = ~ctx.always_keep
+        with torch.no_grad():
+            projected = ctx.project(ctx.pre_features[tokens])
+        assert torch.allclose(projected, ctx.features[tokens], atol=1e-5), family
+        if family == "llava_next":
+            assert bool(ctx.always_keep.any()) and bool((ctx.grid_rc[ctx.always_keep] == -1).all())
