@@ -382,3 +382,49 @@ def test_pre_projector_features_line_up_with_tokens(family):
         assert torch.allclose(projected, ctx.features[tokens], atol=1e-5), family
         if family == "llava_next":
             assert bool(ctx.always_keep.any()) and bool((ctx.grid_rc[ctx.always_keep] == -1).all())
+
+
+def _reference_llm_stage_logits(model, single_inputs, kept_cols: torch.Tensor, layer: int, policy: str):
+    """Run the decoder layer by layer by hand: all tokens before ``layer``, the kept ones from it on."""
+    text = model.model.language_model
+    captured = {}
+    handle = text.register_forward_pre_hook(lambda m, a, k: captured.update(k), with_kwargs=True)
+    with torch.no_grad():
+        model(**single_inputs)
+    handle.remove()
+    hidden = captured["inputs_embeds"]
+    length = hidden.shape[1]
+    positions = captured.get("position_ids")
+    if positions is None:
+        positions = torch.arange(length)[None]
+    if positions.dim() == 3 and positions.shape[0] == 4:
+        positions = positions[1:]
+    with torch.no_grad():
+        cos_sin = text.rotary_emb(hidden, positions)
+        for i, block in enumerate(text.layers):
+            if i == layer:
+                hidden = hidden[:, kept_cols]
+                if policy == "reindex":
+                    rank = torch.arange(kept_cols.numel())[None]
+                    new = rank if positions.dim() == 2 else rank[None].expand(3, -1, -1)
+                else:
+                    new = positions[..., kept_cols]
+                cos_sin = text.rotary_emb(hidden, new)
+            hidden = block(hidden, attention_mask=None, position_embeddings=cos_sin)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        return model.lm_head(text.norm(hidden)[:, -1])
+
+
+@pytest.mark.parametrize("policy", ["reindex", "original"])
+def test_llm_stage_pruning_matches_layer_by_layer_reference(family, policy):
+    model, _ = build(family)
+    inputs = make_inputs(family, "left", batch=1)
+    layer = 2
+    with tokensieve.sieve(model, Random(keep=0.5, layer=layer, positions=policy, seed=5)) as s:
+        pruned = _logits(model, inputs)
+    image_cols = _image_positions(model, inputs["input_ids"][0])
+    kept = image_cols[s.trace.kept(0, 0)]
+    text_cols = torch.nonzero(inputs["input_ids"][0] != model.config.image_token_id).flatten()
+    kept_cols = torch.sort(torch.cat([kept, text_cols])).values
+    reference = _reference_llm_stage_logits(model, inputs, kept_cols, layer, policy)
+    assert torch.allclose(pruned[0, -1], reference[0], atol=1e-4), (family, policy)
