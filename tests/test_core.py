@@ -74,21 +74,29 @@ def test_error_inside_forward_leaves_model_clean(family):
 
 
 # ----- prefill semantics against an independent reference ---------------------------------------------------------
-def _reference_last_logits(model, single_inputs, kept_cols: torch.Tensor, policy: str) -> torch.Tensor:
-    """Run the text model alone on the kept embeddings with the policy's positions (no sieve involved)."""
-    text = model.model.language_model
+def _text_model_inputs(model, single_inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The embeddings and position ids (3-D on Qwen) that the unpruned model hands its text decoder."""
     captured = {}
-    handle = text.register_forward_pre_hook(lambda m, a, k: captured.update(k), with_kwargs=True)
+    handle = model.model.language_model.register_forward_pre_hook(
+        lambda m, a, k: captured.update(k), with_kwargs=True
+    )
     with torch.no_grad():
         model(**single_inputs)
     handle.remove()
-    embeds = captured["inputs_embeds"][:, kept_cols]
-    length = single_inputs["input_ids"].shape[1]
+    embeds = captured["inputs_embeds"]
     positions = captured.get("position_ids")
     if positions is None:
-        positions = torch.arange(length)[None]
+        positions = torch.arange(embeds.shape[1])[None]
     if positions.dim() == 3 and positions.shape[0] == 4:
-        positions = positions[1:]
+        positions = positions[1:]  # Qwen prepends text positions for packed masks
+    return embeds, positions
+
+
+def _reference_last_logits(model, single_inputs, kept_cols: torch.Tensor, policy: str) -> torch.Tensor:
+    """Run the text model alone on the kept embeddings with the policy's positions (no sieve involved)."""
+    text = model.model.language_model
+    embeds, positions = _text_model_inputs(model, single_inputs)
+    embeds = embeds[:, kept_cols]
     if policy == "reindex":
         rank = torch.arange(kept_cols.numel())[None]
         positions = rank if positions.dim() == 2 else rank[None].expand(3, -1, -1)
@@ -387,18 +395,7 @@ def test_pre_projector_features_line_up_with_tokens(family):
 def _reference_llm_stage_logits(model, single_inputs, kept_cols: torch.Tensor, layer: int, policy: str):
     """Run the decoder layer by layer by hand: all tokens before ``layer``, the kept ones from it on."""
     text = model.model.language_model
-    captured = {}
-    handle = text.register_forward_pre_hook(lambda m, a, k: captured.update(k), with_kwargs=True)
-    with torch.no_grad():
-        model(**single_inputs)
-    handle.remove()
-    hidden = captured["inputs_embeds"]
-    length = hidden.shape[1]
-    positions = captured.get("position_ids")
-    if positions is None:
-        positions = torch.arange(length)[None]
-    if positions.dim() == 3 and positions.shape[0] == 4:
-        positions = positions[1:]
+    hidden, positions = _text_model_inputs(model, single_inputs)
     with torch.no_grad():
         cos_sin = text.rotary_emb(hidden, positions)
         for i, block in enumerate(text.layers):
