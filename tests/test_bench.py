@@ -31,7 +31,7 @@ from tokensieve.testing import random_image, tiny_llava, tiny_llava_next, tiny_q
 from tokensieve.trace import StageRecord, Trace
 from tokensieve.viz import overlay, tile_layout
 
-METHODS = ["random", "divprune", "pdrop"]  # pdrop needs >= 4 decoder layers: an error row on a 3-layer model
+METHODS = ["random", "divprune", "catp_llm"]  # catp_llm needs >= 4 decoder layers: an error row on 3 layers
 KEEPS = (1.0, 0.5, 0.25)
 
 
@@ -138,7 +138,12 @@ def test_runner_writes_one_line_per_cell_and_resumes(bench_run):
     lines = (out / RESULTS_FILE).read_text().splitlines()
     assert lines[: len(first_lines)] == first_lines  # finished cells are never rewritten
     assert sorted(result.skipped) == sorted(["none@1.0", "random@0.5", "random@0.25"])
-    assert [(m, k) for m, k in resumed] == [("divprune", 0.5), ("divprune", 0.25), ("pdrop", 0.5), ("pdrop", 0.25)]
+    assert [(m, k) for m, k in resumed] == [
+        ("divprune", 0.5),
+        ("divprune", 0.25),
+        ("catp_llm", 0.5),
+        ("catp_llm", 0.25),
+    ]
     rows = {r["cell"]: r for r in read_rows(out / RESULTS_FILE)}
     assert len(rows) == 7
     ref = rows["none@1.0"]
@@ -148,7 +153,7 @@ def test_runner_writes_one_line_per_cell_and_resumes(bench_run):
     assert half["flops"] < ref["flops"] and half["kv_bytes"] < ref["kv_bytes"]
     assert set(half["accuracy"]) == {"color", "exist", "count", "position", "read", "mean"}
     assert half["retention"] is None or half["retention"] >= 0
-    assert rows["pdrop@0.25"]["status"] == "error" and "decoder layers" in rows["pdrop@0.25"]["error"]
+    assert rows["catp_llm@0.25"]["status"] == "error" and "decoder layers" in rows["catp_llm@0.25"]["error"]
     # A third run has nothing left to do.
     again = run_bench(*tiny_llava(layers=3), load_task("synthetic", limit=2), out, _config(), model_name="tiny",
                       write_report=False)  # fmt: skip
@@ -167,7 +172,12 @@ def test_report_has_the_table_plots_and_picture_grid(bench_run):
     assert result.report == out / REPORT_FILE
     assert "| method | keep | tokens | layer-avg tokens | mean % | retention % | speed-up |" in report
     assert "color %" in report and "read %" in report
-    for cell in ("| none | 1.0 (ref) |", "| divprune | 0.5 |", "| random | 0.25 |", "| pdrop | 0.25 | - | - | error"):
+    for cell in (
+        "| none | 1.0 (ref) |",
+        "| divprune | 0.5 |",
+        "| random | 0.25 |",
+        "| catp_llm | 0.25 | - | - | error",
+    ):
         assert cell in report
     assert "## Errors" in report
     for name in (PLOT_TOKENS, PLOT_SPEEDUP, PICTURE_GRID):
