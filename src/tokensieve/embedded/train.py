@@ -42,6 +42,7 @@ from tokensieve.embedded.synthetic import (
     COLORS,
     FAMILIES,
     GRID,
+    SHAPE_PLURALS,
     SHAPES,
     TrainingExample,
     make_incontext,
@@ -49,6 +50,7 @@ from tokensieve.embedded.synthetic import (
     make_training_example,
 )
 
+ATTRIBUTE_WORDS = frozenset(COLORS + SHAPES + tuple(SHAPE_PLURALS.values()))
 CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
 CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
 
@@ -141,8 +143,10 @@ class BatchBuilder:
                 if turn < len(segment.pointers):
                     anchors, with_start = segment.pointers[turn]
                     keys = [image_start + a for a in anchors] + ([0] if with_start else [])
-                    if keys:
-                        pointers.append((len(ids) - len(target) - 1, keys))
+                    prompt_start = len(ids) - len(target) - len(prompt)
+                    words = [prompt_start + i for i, w in enumerate(question.split()) if w in ATTRIBUTE_WORDS]
+                    if keys and words:
+                        pointers.append((len(ids) - len(target) - 1, keys, words))
         return ids, labels, pointers
 
     def batch(self, rows: list[list[TrainingExample]]) -> dict[str, torch.Tensor]:
@@ -151,18 +155,21 @@ class BatchBuilder:
         input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), length), -100, dtype=torch.long)
         attention = torch.zeros((len(rows), length), dtype=torch.long)
-        pointer_rows, pointer_queries, pointer_keys = [], [], []
+        pointer_rows, pointer_queries, pointer_keys, word_keys = [], [], [], []
         for i, (ids, row_labels, pointers) in enumerate(encoded):  # right padding is fine for causal training
             input_ids[i, : len(ids)] = torch.tensor(ids)
             labels[i, : len(ids)] = torch.tensor(row_labels)
             attention[i, : len(ids)] = 1
-            for query, keys in pointers:
+            for query, keys, words in pointers:
                 pointer_rows.append(i)
                 pointer_queries.append(query)
                 pointer_keys.append(keys)
+                word_keys.append(words)
         pointer_target = torch.zeros((len(pointer_rows), length))
-        for t, keys in enumerate(pointer_keys):
+        word_target = torch.zeros((len(pointer_rows), length))
+        for t, (keys, words) in enumerate(zip(pointer_keys, word_keys, strict=True)):
             pointer_target[t, keys] = 1.0 / len(keys)
+            word_target[t, words] = 1.0 / len(words)
         examples = [segment for segments in rows for segment in segments]
         targets = {
             "object": np.stack([e.labels.object_class for e in examples]),
@@ -180,6 +187,7 @@ class BatchBuilder:
             "pointer_row": torch.tensor(pointer_rows, dtype=torch.long),
             "pointer_query": torch.tensor(pointer_queries, dtype=torch.long),
             "pointer_target": pointer_target,
+            "word_target": word_target,
             **{f"aux_{k}": torch.as_tensor(np.ascontiguousarray(v)) for k, v in targets.items()},
         }
 
@@ -196,7 +204,7 @@ def sample_rows(rng: np.random.Generator, batch_size: int, multi_image_fraction:
 
 
 def pointer_loss(
-    attention: nn.Module, captured: dict, batch: dict[str, torch.Tensor], heads: int
+    attention: nn.Module, captured: dict, batch: dict[str, torch.Tensor], heads: int, target: torch.Tensor
 ) -> torch.Tensor:
     """Cross-entropy between the first ``heads`` attention heads' distributions at each ``answer:`` token
     (recomputed from the layer's own q/k projections after RoPE) and the target key positions."""
@@ -213,20 +221,28 @@ def pointer_loss(
     allowed = (torch.arange(length)[None, :] <= positions[:, None]) & batch["attention_mask"][rows].bool()
     log_probs = logits.masked_fill(~allowed[:, None, :], float("-inf")).log_softmax(dim=-1)
     log_probs = log_probs.masked_fill(~allowed[:, None, :], 0.0)
-    return -(batch["pointer_target"][:, None, :] * log_probs).sum(dim=-1).mean()
+    return -(target[:, None, :] * log_probs).sum(dim=-1).mean()
 
 
 def forward_losses(
     model, aux_head: nn.Linear, batch: dict[str, torch.Tensor], pointer_layer: int = 1, pointer_heads: int = 2
 ) -> dict[str, torch.Tensor]:
-    """Answer loss, per-head aux losses, pointer loss and feature statistics for one batch."""
-    inner = model.model
-    attention = inner.language_model.layers[pointer_layer].self_attn
-    captured: dict = {}
+    """Answer loss, per-head aux losses, pointer losses and feature statistics for one batch.
 
-    def capture(module, args, kwargs):
-        captured["hidden_states"] = args[0] if args else kwargs["hidden_states"]
-        captured["position_embeddings"] = kwargs["position_embeddings"]
+    Pointer losses: at each ``answer:`` token, heads of layer ``pointer_layer - 1`` attend to the question's
+    colour/shape words and heads of layer ``pointer_layer`` to the centre tokens of the matching objects.
+    """
+    inner = model.model
+    layers = {"word": pointer_layer - 1, "pointer": pointer_layer}
+    attentions = {name: inner.language_model.layers[index].self_attn for name, index in layers.items()}
+    captured: dict[str, dict] = {name: {} for name in layers}
+
+    def capture_into(store: dict):
+        def capture(module, args, kwargs):
+            store["hidden_states"] = args[0] if args else kwargs["hidden_states"]
+            store["position_embeddings"] = kwargs["position_embeddings"]
+
+        return capture
 
     features = inner.get_image_features(
         pixel_values=batch["pixel_values"], vision_feature_layer=-1, vision_feature_select_strategy="default"
@@ -235,18 +251,24 @@ def forward_losses(
     embeds = inner.get_input_embeddings()(batch["input_ids"])
     image_mask = (batch["input_ids"] == model.config.image_token_id).unsqueeze(-1)
     embeds = embeds.masked_scatter(image_mask, features.to(embeds.dtype))
-    handle = attention.register_forward_pre_hook(capture, with_kwargs=True)
+    handles = [
+        attentions[name].register_forward_pre_hook(capture_into(captured[name]), with_kwargs=True)
+        for name in layers
+    ]
     try:
         output = inner.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"])
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     hidden = output.last_hidden_state
     next_labels = batch["labels"][:, 1:]
     supervised = next_labels != -100
     logits = model.lm_head(hidden[:, :-1][supervised])
     losses = {"answer": F.cross_entropy(logits.float(), next_labels[supervised])}
     if len(batch["pointer_row"]):
-        losses["pointer"] = pointer_loss(attention, captured, batch, pointer_heads)
+        for name in layers:
+            target = batch[f"{name}_target"]
+            losses[name] = pointer_loss(attentions[name], captured[name], batch, pointer_heads, target)
     # The aux head sees RMS-normalised features, so it gives no incentive to grow their norm.
     normalised = F.rms_norm(features, (features.shape[-1],))
     aux_logits = aux_head(normalised).float().split(list(AUX_HEADS.values()), dim=-1)
@@ -346,7 +368,8 @@ def train(out_dir: str | Path = EMBEDDED_DIR, minutes: float = 50.0, seed: int =
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
             losses = forward_losses(model, aux_head, batch, config.pointer_layer, config.pointer_heads)
         aux = sum(v for k, v in losses.items() if k.startswith("aux_")) / len(AUX_HEADS)
-        loss = losses["answer"] + config.aux_weight * aux + config.pointer_weight * losses.get("pointer", 0.0)
+        pointers = losses.get("pointer", 0.0) + losses.get("word", 0.0)
+        loss = losses["answer"] + config.aux_weight * aux + config.pointer_weight * pointers
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
