@@ -56,6 +56,16 @@ def inputs_for(model, text_tokens: int) -> dict:
     }
 
 
+def _value(text: str):
+    """A hyperparameter value from the command line: int, float, or the string itself."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
 def median_time(fn, repeats: int) -> float:
     fn()  # warm-up
     times = []
@@ -76,7 +86,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--attn", default="sdpa")
-    parser.add_argument("--methods", default="random,divprune,zoo,fastv")
+    parser.add_argument(
+        "--methods",
+        default="random,divprune,zoo,zoo:estimator=exact,zoo:lowrank=128,fastv",
+        help="comma-separated names; hyperparameters as name:key=value:key=value",
+    )
     parser.add_argument("--keep", default="192,64")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -97,14 +111,16 @@ def main() -> None:
         f"LLaVA-shaped random model: vision {args.vision_layers} layers x 1024 (576 patches), LLM {args.layers} "
         f"layers x {args.hidden}, prompt 576 + {args.text_tokens} tokens, {args.threads} threads, {args.attn}"
     )
-    print(f"{'method':<12}{'keep':>6}{'prefill s':>12}{'speed-up':>10}{'generate s':>12}{'speed-up':>10}")
-    print(f"{'none':<12}{576:>6}{base_prefill:>12.3f}{1.0:>9.2f}x{base_generate:>12.3f}{1.0:>9.2f}x")
-    for method in args.methods.split(","):
+    print(f"{'method':<22}{'keep':>6}{'prefill s':>12}{'speed-up':>10}{'generate s':>12}{'speed-up':>10}")
+    print(f"{'none':<22}{576:>6}{base_prefill:>12.3f}{1.0:>9.2f}x{base_generate:>12.3f}{1.0:>9.2f}x")
+    for spec in args.methods.split(","):
+        name, *options = spec.split(":")
+        kwargs = {key: _value(value) for key, value in (option.split("=", 1) for option in options)}
         for keep in (int(k) for k in args.keep.split(",")):
-            with tokensieve.sieve(model, method, keep=keep):
+            with tokensieve.sieve(model, name, keep=keep, **kwargs):
                 p = median_time(prefill, args.repeats)
                 g = median_time(generate, max(1, args.repeats // 2))
-            print(f"{method:<12}{keep:>6}{p:>12.3f}{base_prefill / p:>9.2f}x{g:>12.3f}{base_generate / g:>9.2f}x")
+            print(f"{spec:<22}{keep:>6}{p:>12.3f}{base_prefill / p:>9.2f}x{g:>12.3f}{base_generate / g:>9.2f}x")
 
 
 if __name__ == "__main__":
