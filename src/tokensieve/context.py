@@ -50,6 +50,7 @@ class VisionSignals:
     values: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     hidden: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     has_cls: bool = True
+    feature_layer: int | None = None  # index of the layer the projector reads (the sieve sets and captures it)
     n_layers: int = 0
     merge_size: int = 1  # patches per LLM token along each axis (Qwen2-VL family: 2)
 

@@ -170,13 +170,14 @@ class Sieve:
                 f"method (e.g. divprune, zoo) on this family."
             )
         self.needs = needs
-        self.vision_layers = sorted(
-            {
-                layer if layer >= 0 else len(self.adapter.vision_attention_layers()) + layer
-                for m in self.methods
-                for layer in m.vision_layers(len(self.adapter.vision_attention_layers()))
-            }
-        )
+        n_vision = len(self.adapter.vision_attention_layers())
+        wanted = {
+            layer if layer >= 0 else n_vision + layer for m in self.methods for layer in m.vision_layers(n_vision)
+        }
+        if any(m.stage == "vision" and {"vision_qk", "vision_hidden"} & set(m.needs) for m in self.methods):
+            wanted.add(self.adapter.vision_feature_layer_index())  # the default layer of every vision method
+        self.vision_layers = sorted(wanted)
+
         # Decoder layers whose signals some llm stage reads: layer -> set of signals.
         self.capture_plan: dict[int, set[str]] = {}
         for layer, stage_methods in self.llm_stages.items():
@@ -559,8 +560,12 @@ class Sieve:
         if self.vision_layers:
             record = img.record
             has_cls, merge_size = self.adapter.vision_layout()
+            feature_layer = self.adapter.vision_feature_layer_index()
             vision = VisionSignals(
-                has_cls=has_cls, merge_size=merge_size, n_layers=len(self.adapter.vision_attention_layers())
+                has_cls=has_cls,
+                merge_size=merge_size,
+                n_layers=len(self.adapter.vision_attention_layers()),
+                feature_layer=feature_layer,
             )
             for layer, qkv in record.vision_qk.items():
                 for name, store in (("q", vision.queries), ("k", vision.keys), ("v", vision.values)):

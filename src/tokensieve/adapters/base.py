@@ -98,6 +98,15 @@ class Adapter:
     def vision_encoder_layers(self) -> list[nn.Module]:
         return []
 
+    def vision_feature_layer_index(self) -> int:
+        """Index of the vision-tower layer whose output the projector reads (CLIP in LLaVA: ``n + vision_feature_layer``
+        for the usual negative config value, e.g. 22 of 24 for -2)."""
+        n = len(self.vision_attention_layers())
+        value = getattr(self.config, "vision_feature_layer", -2)
+        value = value[-1] if isinstance(value, (list, tuple)) else int(value)
+        # hidden_states[0] is the embedding output, hidden_states[i] the output of layer i - 1
+        return min(n - 1, max(0, n + value if value < 0 else value - 1))
+
     def vision_layout(self) -> tuple[bool, int]:
         """(the vision tensors start with a CLS row, patches per LLM token along each axis). CLIP: (True, 1)."""
         return True, 1

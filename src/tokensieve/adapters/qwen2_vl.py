@@ -55,6 +55,9 @@ class Qwen2VLAdapter(Adapter):
     def vision_encoder_layers(self) -> list[nn.Module]:
         return list(self.visual.blocks)
 
+    def vision_feature_layer_index(self) -> int:
+        return len(self.visual.blocks) - 1  # the merger reads the last block
+
     def vision_layout(self) -> tuple[bool, int]:
         """(has CLS, patches per LLM token along each axis) of the captured vision tensors."""
         return False, int(self.visual.spatial_merge_size)

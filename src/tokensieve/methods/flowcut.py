@@ -123,10 +123,13 @@ class FlowCut(Method):
         "whole merge groups, not single patches"
     )
 
-    def _layers(self, n_layers: int, has_cls: bool) -> list[int]:
+    def _layers(self, n_layers: int, has_cls: bool, projector_layer: int | None = None) -> list[int]:
         if self.layer is None and not has_cls:
             return list(range(n_layers))  # Qwen: the merger reads the last block, and it is scored too
-        last = feature_layer(-2 if self.layer is None else self.layer, n_layers)
+        if self.layer is not None:
+            last = feature_layer(self.layer, n_layers)
+        else:  # the layer the projector reads (-2 on LLaVA-1.5/NeXT); blocks before it are scored
+            last = projector_layer if projector_layer is not None else feature_layer(-2, n_layers)
         if last == 0:
             raise MethodError("flowcut: the feature layer must be >= 1 so that at least one layer scores tokens")
         return list(range(last))
@@ -139,7 +142,7 @@ class FlowCut(Method):
 
     def select(self, ctx: ImageContext, k: int) -> torch.Tensor:
         require_vision(ctx, self.name, needs_cls=False)
-        layers = self._layers(ctx.vision.n_layers, ctx.vision.has_cls)
+        layers = self._layers(ctx.vision.n_layers, ctx.vision.has_cls, ctx.vision.feature_layer)
         score_fn = flow_score if ctx.vision.has_cls else mean_query_flow_score
         final = len(layers)  # F: rpl = F - idx - 1
         crops, extra = crops_of(ctx)

@@ -116,8 +116,10 @@ class HiPrune(Method):
             raise MethodError(f"hiprune: object_layer={one_based} exceeds the tower's {n_layers} layers")
         return one_based - 1
 
-    def _deep_index(self, n_layers: int, has_cls: bool) -> int:
-        default = -2 if has_cls else -1  # the layer the projector reads
+    def _deep_index(self, n_layers: int, has_cls: bool, projector_layer: int | None = None) -> int:
+        if self.deep_layer is None and projector_layer is not None:
+            return projector_layer  # the layer the projector reads
+        default = -2 if has_cls else -1
         return feature_layer(default if self.deep_layer is None else self.deep_layer, n_layers)
 
     def vision_layers(self, n_vision_layers: int) -> list[int]:
@@ -130,7 +132,8 @@ class HiPrune(Method):
     def select(self, ctx: ImageContext, k: int) -> torch.Tensor:
         require_vision(ctx, self.name, needs_cls=False)
         n_layers, has_cls = ctx.vision.n_layers, ctx.vision.has_cls
-        shallow_layer, deep_layer = self._object_index(n_layers, has_cls), self._deep_index(n_layers, has_cls)
+        shallow_layer = self._object_index(n_layers, has_cls)
+        deep_layer = self._deep_index(n_layers, has_cls, ctx.vision.feature_layer)
         attention = global_attention if has_cls else merged_received_attention
         crops, extra = crops_of(ctx)
         keep = [extra]

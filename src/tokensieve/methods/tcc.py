@@ -10,7 +10,7 @@ from ..budget import split_budget
 from ..context import ImageContext
 from ..ops import cosine_similarity_matrix, topk_indices
 from .base import Method, MethodError, register
-from .visionzip import Crop, cls_attention, crops_of, feature_layer, require_vision
+from .visionzip import Crop, cls_attention, crops_of, feature_layer, require_vision, scoring_layer
 
 
 def redundancy(ctx: ImageContext, layer: int, crop: Crop, threshold: float) -> float:
@@ -59,7 +59,7 @@ class TCC(Method):
 
     similarity_threshold: float = 0.9
     min_density: float = 0.05
-    layer: int = -2
+    layer: int | None = None  # None: the layer the projector reads
 
     name = "tcc"
     stage = "vision"
@@ -77,15 +77,15 @@ class TCC(Method):
             raise MethodError(f"tcc: min_density={self.min_density} must lie in [0, 1]")
 
     def vision_layers(self, n_vision_layers: int) -> list[int]:
-        return [feature_layer(self.layer, n_vision_layers)]
+        return [] if self.layer is None else [feature_layer(self.layer, n_vision_layers)]
 
     def densities(self, ctx: ImageContext, crops: list[Crop]) -> list[float]:
-        layer = feature_layer(self.layer, ctx.vision.n_layers)
+        layer = scoring_layer(self.layer, ctx)
         return [max(self.min_density, 1.0 - redundancy(ctx, layer, c, self.similarity_threshold)) for c in crops]
 
     def select(self, ctx: ImageContext, k: int) -> torch.Tensor:
         require_vision(ctx, self.name)
-        layer = feature_layer(self.layer, ctx.vision.n_layers)
+        layer = scoring_layer(self.layer, ctx)
         crops, extra = crops_of(ctx)
         sizes = [c.cand.numel() for c in crops]
         weights = [d * n for d, n in zip(self.densities(ctx, crops), sizes, strict=True)]

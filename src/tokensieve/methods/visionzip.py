@@ -64,6 +64,16 @@ def cls_attention(ctx: ImageContext, layer: int, crop: Crop, heads: str = "sum")
     return probs[crop.rows]
 
 
+def scoring_layer(layer: int | None, ctx: ImageContext) -> int:
+    """A method's vision layer: the given one, or by default the layer whose output the projector reads
+    (``vision_feature_layer``: -2 on LLaVA-1.5/NeXT, the last block on Qwen), which the sieve always captures."""
+    if layer is None:
+        if ctx.vision.feature_layer is not None:
+            return ctx.vision.feature_layer
+        layer = -2 if ctx.vision.has_cls else -1  # LLaVA-1.5/NeXT and Qwen defaults
+    return feature_layer(layer, ctx.vision.n_layers)
+
+
 def feature_layer(layer: int, n_layers: int) -> int:
     """A non-negative vision layer index from LLaVA's ``vision_feature_layer`` convention (-2: second to last)."""
     index = layer if layer >= 0 else n_layers + layer
@@ -114,7 +124,7 @@ class VisionZip(Method):
     """
 
     contextual_ratio: float = 5 / 32
-    layer: int = -2  # vision_feature_layer of the model (LLaVA-1.5/NeXT: -2)
+    layer: int | None = None  # vision layer (LLaVA convention, e.g. -2); None: the layer the projector reads
 
     name = "visionzip"
     stage = "vision"
@@ -133,11 +143,11 @@ class VisionZip(Method):
             raise MethodError(f"visionzip: contextual_ratio={self.contextual_ratio} must lie in [0, 1)")
 
     def vision_layers(self, n_vision_layers: int) -> list[int]:
-        return [feature_layer(self.layer, n_vision_layers)]
+        return [] if self.layer is None else [feature_layer(self.layer, n_vision_layers)]
 
     def select(self, ctx: ImageContext, k: int) -> Selection:
         require_vision(ctx, self.name)
-        layer = feature_layer(self.layer, ctx.vision.n_layers)
+        layer = scoring_layer(self.layer, ctx)
         crops, extra = crops_of(ctx)
         shares = split_budget(k, [c.cand.numel() for c in crops])
         keep, at, merged = [extra], [], []
