@@ -120,9 +120,14 @@ class CATPLLM(LLMMethod):
     def llm_layers(self, n_layers: int) -> list[int]:
         k = self.paper_k(n_layers)
         if not 1 <= k <= n_layers - 3:
+            if n_layers < 4:
+                raise MethodError(
+                    f"catp_llm: prunes at layers K+1 and K+2 from attention of layers K-1 and K, so it needs at "
+                    f"least 4 decoder layers; this model has {n_layers}"
+                )
             raise MethodError(
                 f"catp_llm: K={k} needs layers K-1..K+2 inside the model's {n_layers} decoder layers "
-                f"(1 <= K <= {n_layers - 3})"
+                f"(pass K with 1 <= K <= {n_layers - 3})"
             )
         return [k + 1, k + 2]
 
