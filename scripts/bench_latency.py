@@ -20,35 +20,26 @@ import statistics
 import time
 
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration
 
 import tokensieve
+from tokensieve.testing import tiny_llava
 
 
 def build(layers: int, hidden: int, vision_layers: int, attn: str) -> LlavaForConditionalGeneration:
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=1024, intermediate_size=4096, num_hidden_layers=vision_layers, num_attention_heads=16,
-            image_size=336, patch_size=14,
-        ),
-        text_config=LlamaConfig(
-            vocab_size=1000, hidden_size=hidden, intermediate_size=int(hidden * 2.75), num_hidden_layers=layers,
-            num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
-        ),
-        image_token_id=999,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
+    heads = hidden // 64
+    model, _ = tiny_llava(
+        layers=layers, image_size=336, attn=attn, vision_hidden=1024, vision_layers=vision_layers, vision_heads=16,
+        vision_mlp_ratio=4.0, text_hidden=hidden, text_heads=heads, text_kv_heads=heads, mlp_ratio=2.75,
     )  # fmt: skip
-    torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(config).eval()
-    model.set_attn_implementation(attn)
     return model
 
 
 def inputs_for(model, text_tokens: int) -> dict:
-    ids = torch.cat(
-        [torch.randint(1, 900, (1, 5)), torch.full((1, 576), 999), torch.randint(1, 900, (1, text_tokens - 5))], 1
-    )
+    image, vocab = model.config.image_token_id, model.config.text_config.vocab_size
+    words = [i for i in range(5, vocab) if i != image]  # plain word ids (no specials, no placeholder)
+    pick = torch.tensor(words)[torch.randint(len(words), (text_tokens,))][None]
+    ids = torch.cat([pick[:, :5], torch.full((1, 576), image), pick[:, 5:]], 1)
     return {
         "input_ids": ids,
         "attention_mask": torch.ones_like(ids),

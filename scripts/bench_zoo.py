@@ -47,44 +47,13 @@ def median_ms(fn: Callable[[], object], repeats: int, warmup: bool = True) -> fl
 
 def mid_llava(width: int, layers: int):
     """A LLaVA with CLIP ViT-L-like vision width (1024, 2 layers, 336 px, 576 tokens) and a ``width``-wide LLM."""
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
-    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+    from tokensieve.testing import tiny_llava
 
-    from tokensieve.testing import tiny_tokenizer
-
-    tok = tiny_tokenizer()
-    cfg = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=1024, intermediate_size=4096, num_hidden_layers=2, num_attention_heads=16,
-            image_size=336, patch_size=14,
-        ),
-        text_config=LlamaConfig(
-            vocab_size=len(tok), hidden_size=width, intermediate_size=int(width * 2.6875), num_hidden_layers=layers,
-            num_attention_heads=max(1, width // 128), num_key_value_heads=max(1, width // 128), pad_token_id=0,
-            bos_token_id=2, eos_token_id=3,
-        ),
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
+    heads = max(1, width // 128)
+    return tiny_llava(
+        layers=layers, image_size=336, vision_hidden=1024, vision_layers=2, vision_heads=16, vision_mlp_ratio=4.0,
+        text_hidden=width, text_heads=heads, text_kv_heads=heads, mlp_ratio=2.6875,
     )  # fmt: skip
-    torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(cfg).eval()
-    model.set_attn_implementation("sdpa")
-    proc = LlavaProcessor(
-        image_processor=LlavaImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),
-        tokenizer=tok,
-        patch_size=14,
-        num_additional_image_tokens=1,
-        vision_feature_select_strategy="default",
-        image_token="<image>",
-    )
-    return model, proc
 
 
 class _Capture(Zoo):

@@ -38,22 +38,41 @@ def tiny_tokenizer(extra_special: list[str] | None = None):
     )
 
 
-def _text_kwargs(vocab: int, layers: int, hidden: int = 64) -> dict:
+def _text_kwargs(
+    vocab: int, layers: int, hidden: int = 64, heads: int = 4, mlp_ratio: float = 2.0, kv_heads: int | None = None
+) -> dict:
     return dict(
         vocab_size=vocab,
         hidden_size=hidden,
-        intermediate_size=2 * hidden,
+        intermediate_size=int(mlp_ratio * hidden),
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads or max(1, heads // 2),
         pad_token_id=0,
         bos_token_id=2,
         eos_token_id=3,
     )
 
 
-def tiny_llava(layers: int = 4, image_size: int = 56, patch: int = 14, attn: str = "sdpa", seed: int = 0):
-    """``LlavaForConditionalGeneration`` (CLIP + GELU projector + Llama) and its processor; 16 tokens/image."""
+def tiny_llava(
+    layers: int = 4,
+    image_size: int = 56,
+    patch: int = 14,
+    attn: str = "sdpa",
+    seed: int = 0,
+    vision_hidden: int = 32,
+    vision_layers: int = 3,
+    vision_heads: int = 4,
+    vision_mlp_ratio: float = 2.0,
+    text_hidden: int = 64,
+    text_heads: int = 4,
+    text_kv_heads: int | None = None,
+    mlp_ratio: float = 2.0,
+):
+    """``LlavaForConditionalGeneration`` (CLIP + GELU projector + Llama) and its processor; 16 tokens/image.
+
+    The defaults are tiny (tests); the size arguments build the mid-size LLaVA-shaped models of the benchmark
+    scripts (e.g. ``image_size=336, vision_hidden=1024, text_hidden=1024``: 576 tokens per image)."""
     from transformers import (
         CLIPVisionConfig,
         LlamaConfig,
@@ -66,10 +85,11 @@ def tiny_llava(layers: int = 4, image_size: int = 56, patch: int = 14, attn: str
     tok = tiny_tokenizer()
     cfg = LlavaConfig(
         vision_config=CLIPVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+            hidden_size=vision_hidden, intermediate_size=int(vision_mlp_ratio * vision_hidden),
+            num_hidden_layers=vision_layers, num_attention_heads=vision_heads,
             image_size=image_size, patch_size=patch,
         ),
-        text_config=LlamaConfig(**_text_kwargs(len(tok), layers)),
+        text_config=LlamaConfig(**_text_kwargs(len(tok), layers, text_hidden, text_heads, mlp_ratio, text_kv_heads)),
         image_token_id=tok.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
