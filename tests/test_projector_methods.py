@@ -9,12 +9,12 @@ from conftest import build, make_inputs
 
 import tokensieve
 from tokensieve.budget import split_budget
-from tokensieve.context import ImageContext
 from tokensieve.methods.base import MethodError, list_methods, make_method
 from tokensieve.methods.catp import CATP, stage_one_count
 from tokensieve.methods.idpruner import IDPruner
 from tokensieve.methods.mmtok import MMTok, keyword_embeddings, text_span_mask
 from tokensieve.methods.todre import ToDRE, greedy_max_sum
+from tokensieve.testing import image_context
 
 # (method, hyperparameters, newline tokens kept on top of the budget on LLaVA-NeXT). The default of each method
 # runs on every family; the variants run on LLaVA-NeXT (crops and newline tokens) to keep the file fast.
@@ -115,16 +115,11 @@ def _ctx(features, *, text_embeds=None, text_ids=None, groups=None, always_keep=
     n = features.shape[0]
     if text_embeds is not None and text_ids is None:
         text_ids = torch.arange(text_embeds.shape[0])
-    return ImageContext(
-        sample=0,
-        image=0,
-        n_tokens=n,
-        token_index=torch.arange(n),
-        features=features,
+    return image_context(
+        features,
         grid_rc=torch.zeros(n, 2, dtype=torch.long),
-        grid_hw=(1, n),
-        groups=torch.zeros(n, dtype=torch.long) if groups is None else groups,
-        always_keep=torch.zeros(n, dtype=torch.bool) if always_keep is None else always_keep,
+        groups=groups,
+        always_keep=always_keep,
         pre_features=pre,
         text_ids=text_ids,
         text_embeds=text_embeds,

@@ -15,7 +15,14 @@ from tokensieve.methods import make_method
 from tokensieve.methods.flowcut import adaptive_prune_count
 from tokensieve.methods.hiprune import grid_neighbours
 from tokensieve.methods.visionzip import crops_of
-from tokensieve.testing import qwen_image_prompt, random_image, tiny_llava, tiny_llava_next, tiny_qwen2_5_vl
+from tokensieve.testing import (
+    image_context,
+    qwen_image_prompt,
+    random_image,
+    tiny_llava,
+    tiny_llava_next,
+    tiny_qwen2_5_vl,
+)
 
 METHODS = ("visionzip", "hiprune", "flowcut", "tcc")
 _MODELS: dict = {}
@@ -138,16 +145,11 @@ def _context(
             vision.values[layer] = values[j]
         if hidden is not None:
             vision.hidden[layer] = hidden[j]
-    return ImageContext(
-        sample=0,
-        image=0,
-        n_tokens=n,
-        token_index=torch.arange(n),
-        features=torch.zeros(n, 8),
+    return image_context(
+        torch.zeros(n, 8),
         grid_rc=torch.stack([idx // side, idx % side], 1).repeat(crops, 1),
         grid_hw=(side, side),
         groups=torch.arange(crops).repeat_interleave(per),
-        always_keep=torch.zeros(n, dtype=torch.bool),
         project=project,
         vision=vision,
         vision_patch_index=(idx + 1).repeat(crops),

@@ -18,7 +18,7 @@ import tokensieve
 from tokensieve.context import ImageContext, VisionSignals
 from tokensieve.methods import make_method
 from tokensieve.methods.base import Method
-from tokensieve.testing import qwen_image_prompt, random_image, tiny_qwen2_5_vl
+from tokensieve.testing import image_context, qwen_image_prompt, random_image, tiny_qwen2_5_vl
 
 SIZES = [(56, 56), (112, 84)]  # 2x2 and 3x4 merged tokens: different sizes, the second spans several windows
 _MODELS: dict = {}
@@ -177,16 +177,10 @@ def _qwen_context(keys: torch.Tensor, values: torch.Tensor | None = None, n_laye
         vision.queries[layer], vision.keys[layer] = [q], [keys]
         vision.values[layer] = [values if values is not None else torch.ones(heads, patches, d)]
     idx = torch.arange(4)
-    return ImageContext(
-        sample=0,
-        image=0,
-        n_tokens=4,
-        token_index=idx,
-        features=torch.zeros(4, 8),
+    return image_context(
+        torch.zeros(4, 8),
         grid_rc=torch.stack([idx // 2, idx % 2], 1),
         grid_hw=(2, 2),
-        groups=torch.zeros(4, dtype=torch.long),
-        always_keep=torch.zeros(4, dtype=torch.bool),
         vision=vision,
         vision_patch_index=idx,
         family="qwen2_vl",

@@ -13,6 +13,7 @@ from tokensieve.budget import split_budget
 from tokensieve.context import ImageContext
 from tokensieve.methods.zoo import Zoo
 from tokensieve.ops.zoo_sensitivity import LowRankLinear, projector_copy
+from tokensieve.testing import image_context
 
 
 class _MLP(nn.Module):
@@ -34,16 +35,11 @@ def _ctx(x: torch.Tensor, module: nn.Module, groups=None, always=None, project=N
     project = project or module
     with torch.no_grad():
         z = project(x)
-    return ImageContext(
-        sample=0,
-        image=0,
-        n_tokens=n,
-        token_index=torch.arange(n),
-        features=z,
+    return image_context(
+        z,
         grid_rc=torch.zeros(n, 2, dtype=torch.long),
-        grid_hw=(1, n),
-        groups=torch.zeros(n, dtype=torch.long) if groups is None else groups,
-        always_keep=torch.zeros(n, dtype=torch.bool) if always is None else always,
+        groups=groups,
+        always_keep=always,
         pre_features=x,
         project=project,
         projector_module=module,

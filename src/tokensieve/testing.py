@@ -205,3 +205,24 @@ def qwen_image_prompt(text: str) -> str:
 def random_image(seed: int = 0, size: tuple[int, int] = (56, 56)) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def image_context(features: torch.Tensor, **fields):
+    """A hand-built :class:`~tokensieve.context.ImageContext` for method tests: one image, every token a
+    candidate, one crop, no always-kept tokens, a ``1 x n`` grid unless ``fields`` say otherwise."""
+    from .context import ImageContext
+
+    n = features.shape[0]
+    defaults = dict(
+        sample=0,
+        image=0,
+        n_tokens=n,
+        token_index=torch.arange(n),
+        features=features,
+        grid_rc=torch.stack([torch.zeros(n, dtype=torch.long), torch.arange(n)], 1),
+        grid_hw=(1, n),
+        groups=torch.zeros(n, dtype=torch.long),
+        always_keep=torch.zeros(n, dtype=torch.bool),
+    )
+    defaults.update({key: value for key, value in fields.items() if value is not None})
+    return ImageContext(**defaults)
