@@ -11,7 +11,8 @@ Recipe (``/work/shared/research/feasibility.md`` explains the visual-token colla
   digit printed on it, whether it is an object's centre token (counting objects rather than area), and its
   grid row and column (position questions). Without it the visual tokens collapse;
   + two attention "pointer" losses (training only; they shape the model's own attention, nothing is
-  added to it): at each ``answer:`` token, two heads of LM layer 0 attend to the question's colour/shape
+  added to it): at each position that predicts an answer word (``answer:`` and, for two-word answers, the
+  first word), two heads of LM layer 0 attend to the question's colour/shape
   words, and two heads of layer 1 attend to the centre tokens of the objects those words describe (plus the
   sequence start for existence/count questions, a sink that lets "none" and counts be read out). With
   answer + dense aux losses alone the LM stayed at the text prior for 25 min on this task;
@@ -154,7 +155,11 @@ class BatchBuilder:
                     prompt_start = len(ids) - len(target) - len(prompt)
                     words = [prompt_start + i for i, w in enumerate(question.split()) if w in ATTRIBUTE_WORDS]
                     if keys and words:
-                        pointers.append((len(ids) - len(target) - 1, keys, words))
+                        # Every position that predicts an answer word points at the object: the ``answer:``
+                        # token and, for two-word answers ("top left"), the first answer word too; without
+                        # the second the model never learned to read the column back.
+                        first_query = len(ids) - len(target) - 1
+                        pointers += [(first_query + j, keys, words) for j in range(len(target) - 1)]
         return ids, labels, pointers
 
     def batch(self, rows: list[list[TrainingExample]]) -> dict[str, torch.Tensor]:
