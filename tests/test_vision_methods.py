@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from tokensieve.adapters import UnsupportedModelError
 from tokensieve.budget import split_budget
 from tokensieve.context import ImageContext, Selection, VisionSignals
 from tokensieve.methods import make_method
+from tokensieve.methods.base import Method
 from tokensieve.methods.flowcut import adaptive_prune_count
 from tokensieve.methods.hiprune import grid_neighbours
 from tokensieve.methods.visionzip import crops_of
@@ -99,13 +101,22 @@ def test_keep_all_is_exact(family: str, method: str):
     assert torch.allclose(logits[valid], reference[valid], atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["visionzip", "tcc"])
-def test_qwen_cls_methods_are_refused_with_a_clear_error(method: str):
-    # the Qwen ViT is captured (hiprune/flowcut run there, tests/test_vision_qwen.py); CLS-only methods are
-    # refused when the sieve is built, before any forward pass
+def test_a_method_that_requires_cls_is_refused_on_qwen_before_any_forward():
+    # the built-in vision methods all have a Qwen path (tests/test_vision_qwen.py); a user method that declares
+    # requires_cls is refused when the sieve is built, with the reason and what to use instead
+    @dataclass
+    class ClsOnly(Method):
+        name = "cls_only"
+        stage = "vision"
+        requires_cls = True
+        needs = frozenset({"vision_qk"})
+
+        def select(self, ctx: ImageContext, k: int) -> torch.Tensor:
+            raise AssertionError("never reached")
+
     model, _ = _model("qwen2_5_vl")
     with pytest.raises(UnsupportedModelError, match=r"no \[CLS\] token.*projector-stage"):
-        tokensieve.sieve(model, method, keep=4)
+        tokensieve.sieve(model, ClsOnly(keep=4))
 
 
 def test_visionzip_writes_merged_tokens():

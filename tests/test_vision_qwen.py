@@ -2,7 +2,8 @@
 
 Capture: the attention recomputed from captured q/k of a full-attention block equals the model's own eager
 attention weights (un-windowed by hand), the last block's captured hidden states equal the merger input, and
-each LLM token maps to its 2x2 group of patches. Methods: HiPrune and FlowCut end to end on tiny models.
+each LLM token maps to its 2x2 group of patches. Methods: HiPrune, FlowCut (official Qwen paths), VisionZip and
+TCC (received attention in place of CLS attention) end to end on tiny models, and hand-made known answers.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
 from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
 
 import tokensieve
-from tokensieve.context import ImageContext, VisionSignals
+from tokensieve.context import ImageContext, Selection, VisionSignals
 from tokensieve.methods import make_method
 from tokensieve.methods.base import Method
 from tokensieve.testing import image_context, qwen_image_prompt, random_image, tiny_qwen2_5_vl
@@ -137,7 +138,10 @@ def _run(method: str, keep, qwen2: bool = False):
     return s, logits, inputs
 
 
-@pytest.mark.parametrize("method", ["hiprune", "flowcut"])
+VISION_METHODS = ["hiprune", "flowcut", "visionzip", "tcc"]
+
+
+@pytest.mark.parametrize("method", VISION_METHODS)
 def test_budget_determinism_and_keep_all(method: str):
     keep = 3
     first, logits, _ = _run(method, keep)
@@ -157,11 +161,24 @@ def test_budget_determinism_and_keep_all(method: str):
     assert torch.allclose(full[valid], reference[valid], atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["hiprune", "flowcut"])
+@pytest.mark.parametrize("method", VISION_METHODS)
 def test_qwen2_vl_runs(method: str):
     s, logits, _ = _run(method, 2, qwen2=True)  # no window attention: the capture needs no un-windowing
     assert torch.isfinite(logits).all()
     assert [s.trace.kept(sample=b, image=0).numel() for b in range(2)] == [2, 2]
+
+
+def test_visionzip_qwen_merges_whole_merge_units():
+    model, _ = _model()
+    inputs = _inputs()
+    # contextual_ratio=0: dominant tokens only; 0.5: half the budget becomes merged units written through the merger
+    with tokensieve.sieve(model, "visionzip", keep=4, contextual_ratio=0.0) as s0, torch.no_grad():
+        plain = model(**inputs).logits
+    with tokensieve.sieve(model, "visionzip", keep=4, contextual_ratio=0.5) as s1, torch.no_grad():
+        merged = model(**inputs).logits
+    assert s0.trace.kept(sample=1, image=0).numel() == s1.trace.kept(sample=1, image=0).numel() == 4
+    assert torch.isfinite(merged).all()
+    assert not torch.allclose(plain[1, -1], merged[1, -1])
 
 
 # ----- hand-made Qwen contexts ------------------------------------------------------------------------------
@@ -204,3 +221,13 @@ def test_flowcut_qwen_uses_the_mean_query_and_value_norm():
     assert method.select(_qwen_context(keys, values), 1).tolist() == [3]
     values[:, 12:16] = 0.1
     assert method.select(_qwen_context(keys, values), 1).tolist() == [0]
+
+
+@pytest.mark.parametrize("method", ["visionzip", "tcc"])
+def test_cls_methods_use_received_attention_of_the_merge_group_on_qwen(method: str):
+    keys = torch.zeros(2, 16, 4)
+    keys[:, 5, 0] = 6.0  # one patch of token 1 draws the most attention of any single patch
+    keys[:, 8:12, 0] = 4.0  # but all four patches of token 2 draw more on average
+    options = {"contextual_ratio": 0.0} if method == "visionzip" else {}
+    picked = make_method(method, **options).select(_qwen_context(keys), 1)
+    assert (picked.keep if isinstance(picked, Selection) else picked).tolist() == [2]

@@ -141,7 +141,7 @@ class FlowCut(Method):
         return self._layers(n_vision_layers, False)
 
     def select(self, ctx: ImageContext, k: int) -> torch.Tensor:
-        require_vision(ctx, self.name, needs_cls=False)
+        require_vision(ctx, self.name)
         layers = self._layers(ctx.vision.n_layers, ctx.vision.has_cls, ctx.vision.feature_layer)
         score_fn = flow_score if ctx.vision.has_cls else mean_query_flow_score
         final = len(layers)  # F: rpl = F - idx - 1

@@ -10,7 +10,7 @@ from ..budget import split_budget
 from ..context import ImageContext
 from ..ops import attention_rows, topk_indices
 from .base import Method, MethodError, register
-from .visionzip import Crop, crops_of, feature_layer, require_vision
+from .visionzip import Crop, crops_of, feature_layer, merged_received_attention, require_vision
 
 
 def global_attention(ctx: ImageContext, layer: int, crop: Crop) -> torch.Tensor:
@@ -18,18 +18,6 @@ def global_attention(ctx: ImageContext, layer: int, crop: Crop) -> torch.Tensor:
     q, k = ctx.vision.queries[layer][crop.crop], ctx.vision.keys[layer][crop.crop]  # [H, T, d]
     received = attention_rows(q[None], k[None])[0].mean(0).mean(0)  # [T]
     return received[crop.rows]
-
-
-def merged_received_attention(ctx: ImageContext, layer: int, crop: Crop, chunk: int = 1024) -> torch.Tensor:
-    """Qwen path: attention [m] received by each candidate token. Full attention over the frame's patches (window
-    blocks included, as HiPrune's official flash-attention path recomputes it), head mean, **summed** over all
-    queries, then averaged over the token's merge group of patches. Queries go in chunks: never the P x P map."""
-    q, k = ctx.vision.queries[layer][crop.crop], ctx.vision.keys[layer][crop.crop]  # [H, P, d], no CLS
-    received = None
-    for start in range(0, q.shape[1], chunk):
-        part = attention_rows(q[None, :, start : start + chunk], k[None])[0].mean(0).sum(0)  # [P]
-        received = part if received is None else received + part
-    return received[ctx.vision.patch_rows(crop.rows)].mean(1)
 
 
 def grid_neighbours(grid_rc: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
@@ -130,7 +118,7 @@ class HiPrune(Method):
         )
 
     def select(self, ctx: ImageContext, k: int) -> torch.Tensor:
-        require_vision(ctx, self.name, needs_cls=False)
+        require_vision(ctx, self.name)
         n_layers, has_cls = ctx.vision.n_layers, ctx.vision.has_cls
         shallow_layer = self._object_index(n_layers, has_cls)
         deep_layer = self._deep_index(n_layers, has_cls, ctx.vision.feature_layer)

@@ -10,15 +10,16 @@ from ..budget import split_budget
 from ..context import ImageContext
 from ..ops import cosine_similarity_matrix, topk_indices
 from .base import Method, MethodError, register
-from .visionzip import Crop, cls_attention, crops_of, feature_layer, require_vision, scoring_layer
+from .visionzip import Crop, crops_of, feature_layer, importance, require_vision, scoring_layer
 
 
 def redundancy(ctx: ImageContext, layer: int, crop: Crop, threshold: float) -> float:
     """Fraction of the crop's candidates whose key has another candidate's key with cosine >= ``threshold``."""
     if crop.cand.numel() < 2:
         return 0.0
-    keys = ctx.vision.keys[layer][crop.crop][:, crop.rows]  # [H, m, d]
-    flat = keys.permute(1, 0, 2).reshape(crop.rows.numel(), -1)  # all heads concatenated: the k_proj output
+    rows = ctx.vision.patch_rows(crop.rows)  # [m, merge^2]: one patch on CLIP, a 2x2 group on Qwen
+    keys = ctx.vision.keys[layer][crop.crop][:, rows]  # [H, m, merge^2, d]
+    flat = keys.permute(1, 2, 0, 3).reshape(crop.rows.numel(), -1)  # all heads (and patches) concatenated
     sim = cosine_similarity_matrix(flat)
     sim.fill_diagonal_(-2.0)  # a token is not its own counterpart
     return float((sim.amax(1) >= threshold).float().mean())
@@ -52,9 +53,10 @@ class TCC(Method):
     - "CLS-attention-guided sampling" is deterministic top-k by CLS attention, head mean.
 
     Designed for cropping document MLLMs (mPLUG-DocOwl1.5); here applied to LLaVA-NeXT crops. Qwen2-VL /
-    Qwen2.5-VL: the ViT is captured but has no [CLS] token and no surrogate is implemented (the paper's sampling is
-    CLS-guided), so ``select`` raises ``MethodError`` naming the reason at the first forward (use ``hiprune`` /
-    ``flowcut`` or a projector-stage method such as ``divprune``).
+    Qwen2.5-VL (**our extension**): one crop per image (Qwen does not crop), so step 2 is moot as on LLaVA-1.5;
+    the tower has no [CLS] token, so step 3 ranks tokens by the attention they *receive* (head mean, summed over
+    all queries, averaged over the 2x2 merge group: :func:`merged_received_attention`), and a token's key in
+    step 1 is its four patches' keys side by side.
     """
 
     similarity_threshold: float = 0.9
@@ -63,11 +65,13 @@ class TCC(Method):
 
     name = "tcc"
     stage = "vision"
-    requires_cls = True
     needs = frozenset({"vision_qk"})
     paper = "Token-level Correlation-guided Compression for Efficient Multimodal Document Understanding"
     arxiv = "2407.14439"
-    fidelity = "code not released: layer, similarity threshold, budget rule and top-k sampling are documented guesses"
+    fidelity = (
+        "code not released: layer, similarity threshold, budget rule and top-k sampling are documented guesses; "
+        "Qwen: received attention replaces CLS (our extension)"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -92,5 +96,5 @@ class TCC(Method):
         keep = [extra]
         for crop, k_c in zip(crops, split_budget(k, sizes, weights), strict=True):
             if k_c:
-                keep.append(crop.cand[topk_indices(cls_attention(ctx, layer, crop, heads="mean"), k_c)])
+                keep.append(crop.cand[topk_indices(importance(ctx, layer, crop, heads="mean"), k_c)])
         return torch.cat(keep)

@@ -27,21 +27,12 @@ class Crop:
     rows: torch.Tensor
 
 
-def require_vision(ctx: ImageContext, method: str, needs_cls: bool = True) -> None:
-    """Fail clearly when the family gave no vision-tower signals, or no [CLS] token to a method that reads one.
-
-    Qwen2-VL / Qwen2.5-VL are captured (``has_cls=False``): methods with an official Qwen path (HiPrune, FlowCut)
-    pass ``needs_cls=False``; VisionZip and TCC score by [CLS] attention, and no surrogate is implemented."""
+def require_vision(ctx: ImageContext, method: str) -> None:
+    """Fail clearly when the family gave no vision-tower signals (q/k per layer and the token -> patch map)."""
     if ctx.vision is None or ctx.vision_patch_index is None:
         raise MethodError(
             f"{method} reads vision-tower attention, which the {ctx.family or 'this'} adapter did not capture; "
             f"use a projector-stage method (e.g. divprune) on this family."
-        )
-    if needs_cls and not ctx.vision.has_cls:
-        raise MethodError(
-            f"{method} scores tokens by [CLS] attention and the {ctx.family} vision tower has no [CLS] token "
-            f"(no CLS surrogate is implemented for {method}); use hiprune or flowcut (which have a Qwen path) or a "
-            f"projector-stage method (e.g. divprune) on this family."
         )
 
 
@@ -62,6 +53,28 @@ def cls_attention(ctx: ImageContext, layer: int, crop: Crop, heads: str = "sum")
     probs = attention_rows(q[None, :, :1], k[None])[0, :, 0]  # [H, T]; one query row, never the T x T map
     probs = probs.sum(0) if heads == "sum" else probs.mean(0)
     return probs[crop.rows]
+
+
+def merged_received_attention(ctx: ImageContext, layer: int, crop: Crop, chunk: int = 1024) -> torch.Tensor:
+    """Attention [m] received by each candidate LLM token of a tower without [CLS] (Qwen2-VL / Qwen2.5-VL).
+
+    Full attention over the frame's patches (Qwen2.5-VL's window blocks included: recomputed over all patches, as
+    HiPrune's official flash-attention path does), head mean, **summed** over all queries, then averaged over the
+    token's merge group of patches. Queries go in chunks: never the P x P map."""
+    q, k = ctx.vision.queries[layer][crop.crop], ctx.vision.keys[layer][crop.crop]  # [H, P, d], no CLS
+    received = None
+    for start in range(0, q.shape[1], chunk):
+        part = attention_rows(q[None, :, start : start + chunk], k[None])[0].mean(0).sum(0)  # [P]
+        received = part if received is None else received + part
+    return received[ctx.vision.patch_rows(crop.rows)].mean(1)
+
+
+def importance(ctx: ImageContext, layer: int, crop: Crop, heads: str = "sum") -> torch.Tensor:
+    """Text-agnostic importance [m] of the crop's candidates: [CLS] attention where the tower has a [CLS]
+    (CLIP), else the attention each token receives (:func:`merged_received_attention`; ``heads`` does not apply)."""
+    if ctx.vision.has_cls:
+        return cls_attention(ctx, layer, crop, heads)
+    return merged_received_attention(ctx, layer, crop)
 
 
 def scoring_layer(layer: int | None, ctx: ImageContext) -> int:
@@ -117,10 +130,12 @@ class VisionZip(Method):
       + CLS). We cannot add tokens to the placeholder sequence, so the CLS slot goes to one more dominant patch.
     - Attention is recomputed from the captured q/k (float32) instead of an eager CLIP forward; same values up to
       rounding, and the model runs under SDPA.
-    - Qwen2-VL / Qwen2.5-VL: not supported. The ViT is captured, but it has no [CLS] token and the paper and
-      official code define no substitute; rather than invent one (e.g. a mean-query surrogate) ``select`` raises
-      ``MethodError`` naming the reason at the first forward. Use ``hiprune`` / ``flowcut`` or a projector-stage
-      method (e.g. ``divprune``) there.
+    - Qwen2-VL / Qwen2.5-VL (**our extension; no official Qwen path**): the ViT has no [CLS] token, so the
+      dominant score is the attention each LLM token *receives* at the layer the merger reads (head mean, summed
+      over all queries, averaged over the token's 2x2 merge group; the same score as HiPrune's official Qwen
+      path, :func:`merged_received_attention`). The contextual merge works on whole merge units: keys and hidden
+      states of a token are its four patches side by side, so ``target + mean(assigned)`` is formed on the
+      merger's own input and projected by the merger. Positions follow the Qwen policy (``original``).
     """
 
     contextual_ratio: float = 5 / 32
@@ -128,13 +143,12 @@ class VisionZip(Method):
 
     name = "visionzip"
     stage = "vision"
-    requires_cls = True
     needs = frozenset({"vision_qk", "vision_hidden", "projector"})
     paper = "VisionZip: Longer is Better but Not Necessary in Vision Language Models (CVPR 2025)"
     arxiv = "2412.04467"
     fidelity = (
         "official CLS-token slot given to one more dominant patch (tokens cannot be added); "
-        "otherwise follows dvlab-research/VisionZip"
+        "otherwise follows dvlab-research/VisionZip; Qwen: received attention replaces CLS (our extension)"
     )
 
     def __post_init__(self) -> None:
@@ -156,7 +170,7 @@ class VisionZip(Method):
                 continue
             n_ctx = int(round(k_c * self.contextual_ratio))
             n_dom = k_c - n_ctx
-            score = cls_attention(ctx, layer, crop, heads="sum")
+            score = importance(ctx, layer, crop, heads="sum")
             dom = topk_indices(score, n_dom)  # local indices into crop.cand
             keep.append(crop.cand[dom])
             if n_ctx == 0:
@@ -168,10 +182,13 @@ class VisionZip(Method):
             tgt = torch.arange(0, rest.numel(), step, device=rest.device)[:n_ctx]
             is_tgt = torch.zeros(rest.numel(), dtype=torch.bool, device=rest.device)
             is_tgt[tgt] = True
-            rows = crop.rows[rest]
-            key = ctx.vision.keys[layer][crop.crop][:, rows].float().mean(0)  # [n_rem, d] head-averaged keys
+            # One row per LLM token: its patches' vectors side by side (one patch on CLIP, a 2x2 group on Qwen,
+            # the layout the merger reads).
+            rows = ctx.vision.patch_rows(crop.rows[rest])  # [n_rem, merge^2]
+            key = ctx.vision.keys[layer][crop.crop][:, rows].float().mean(0).flatten(1)  # head-averaged keys
             key = key / key.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-            hid = ctx.vision.hidden[layer][crop.crop][rows].float()  # [n_rem, d_v]
+            hidden = ctx.vision.hidden[layer][crop.crop]
+            hid = hidden[rows].float().flatten(1)  # [n_rem, merge^2 * d_v], the projector input
             others = torch.nonzero(~is_tgt).flatten()
             assign = (key[others] @ key[tgt].T).argmax(1)  # each other token -> its most similar target
             sums = torch.zeros(tgt.numel(), hid.shape[1], dtype=hid.dtype, device=hid.device)
@@ -180,7 +197,7 @@ class VisionZip(Method):
             contextual = hid[tgt] + sums / counts[:, None]
             keep.append(crop.cand[rest[tgt]])
             at.append(crop.cand[rest[tgt]])
-            merged.append(ctx.project(contextual.to(ctx.vision.hidden[layer][crop.crop].dtype)))
+            merged.append(ctx.project(contextual.to(hidden.dtype)))
         keep_t = torch.cat(keep)
         if not at:
             return Selection(keep=keep_t)
