@@ -262,6 +262,17 @@ def test_max_coverage_sparse_rows_reference():
     assert max_coverage(c, 30).tolist() == ref_coverage(c, 30)
 
 
+def test_max_coverage_long_run_with_recomputes_and_incremental_updates():
+    # dense rows: the first picks improve most items (full recompute), later ones few (incremental updates),
+    # and the running gains drift over 60 steps; duplicated columns test the lowest-index tie rule
+    g = torch.Generator().manual_seed(3)
+    c = torch.rand(256, 100, generator=g)
+    c = torch.cat([c, c[:, :20]], dim=1)  # columns 100..119 duplicate 0..19
+    got = max_coverage(c, 60).tolist()
+    assert got == ref_coverage(c, 60)
+    assert all(j < 100 or j - 100 in got[: got.index(j)] for j in got)  # a duplicate never precedes its twin
+
+
 def test_max_coverage_hand_made():
     c = torch.tensor(
         [

@@ -38,9 +38,13 @@ __all__ = [
 # scripts/bench_ops.py), so the lazy row-per-step mode only pays off when k is well below N / 12.
 _LAZY_ROW_COST = 12
 
-# Lazy greedy (coverage, facility location): candidates whose exact gain is recomputed at once when the
-# highest upper bound is stale; doubles while the check keeps failing within a step.
-_LAZY_BATCH = 16
+# Coverage / facility location keep every candidate's gain up to date incrementally (only the items the last
+# pick improved are touched). When a pick improves at least this share of the items, the gains are recomputed
+# from scratch instead: as cheap at that size, and it resets the float drift of the large early updates.
+_COVERAGE_RECOMPUTE_SHARE = 0.5
+# Candidates whose running gain lies within this fraction of the reference gain scale of the best one are
+# re-evaluated exactly before a pick, so float drift in the running gains never changes the greedy choice.
+_COVERAGE_TIE_WINDOW = 1e-5
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
@@ -384,50 +388,67 @@ def mmr(
     return selected
 
 
-def _greedy_coverage(cand: Tensor, k: int, bonus: Tensor | None) -> Tensor:
-    """Greedy maximisation of ``sum_r max_{j in S} cand[j, r] + sum_{j in S} bonus[j]`` (lazy greedy).
+def _greedy_coverage(items: Tensor, k: int, bonus: Tensor | None, candidates: Tensor | None = None) -> Tensor:
+    """Greedy maximisation of ``sum_r max_{j in S} items[r, j] + sum_{j in S} bonus[j]``.
 
-    ``cand`` is [N, M], candidate-major: row ``j`` is how well candidate ``j`` covers each of the M items;
-    the best coverage of every item starts at 0. The marginal gain ``sum_r relu(cand[j, r] - best[r])``
-    only shrinks as ``best`` grows (submodularity), so a gain computed at an earlier step is an upper bound
-    now. Each step takes the candidate with the highest bound; if its bound was computed at this step it is
-    the exact greedy choice (ties: lowest index, as ``argmax`` returns the first maximum). Otherwise the
-    exact gains of a batch of the highest bounds (one ``[batch, M]`` gather, vectorised) replace their
-    bounds and the check repeats, with the batch doubling. This gives exactly the picks of the plain greedy
-    while evaluating only a few candidates per step on real data.
+    ``items`` is [M, N], item-major: row ``r`` is how well each of the N candidates covers item ``r``
+    (``candidates``, its [N, M] transpose, is made if not given); the best coverage of every item starts at 0.
+    The gain of ``j`` is ``sum_r relu(items[r, j] - best[r]) + bonus[j]``.
+
+    Instead of re-evaluating candidates (lazy greedy), the gains of all candidates are kept current: a pick
+    raises ``best`` only on the items ``R`` it covers better, and there every candidate's gain falls by
+    ``sum_{r in R} clamp(items[r, j], old_r, new_r) - old_r``. That is one ``[|R|, N]`` pass per step, and
+    ``|R|`` shrinks fast (on 2880 random 4096-d tokens, k = 320: the steps touch 17k items in all, against 45k
+    candidate evaluations of M items for lazy greedy). The first, large updates are recomputed from scratch
+    (``_COVERAGE_RECOMPUTE_SHARE``). Float drift of the running gains cannot change a pick: every candidate
+    within ``_COVERAGE_TIE_WINDOW`` of the best running gain is evaluated exactly, and the best exact gain wins
+    (ties: lowest index, as the plain greedy).
     """
-    n, m = cand.shape
-    device = cand.device
+    m, n = items.shape
+    device = items.device
     selected = torch.empty(k, dtype=torch.long, device=device)
     if k == 0:
         return selected
-    best = torch.zeros(m, dtype=cand.dtype, device=device)
-    bound = cand.clamp(min=0).sum(dim=1)
-    if bonus is not None:
-        bound += bonus
-    fresh = torch.ones(n, dtype=torch.bool, device=device)
+    if candidates is None:
+        candidates = items.T.contiguous()
+    best = torch.zeros(m, dtype=items.dtype, device=device)
     taken = torch.zeros(n, dtype=torch.bool, device=device)
+
+    def exact(cols: Tensor) -> Tensor:
+        gain = candidates.index_select(0, cols).sub_(best).clamp_(min=0).sum(dim=1)
+        return gain if bonus is None else gain + bonus[cols]
+
+    scratch = torch.empty_like(candidates)
+
+    def recompute() -> tuple[Tensor, float]:
+        gain = torch.sub(candidates, best, out=scratch).clamp_(min=0).sum(dim=1)
+        if bonus is not None:
+            gain += bonus
+        gain = gain.to(torch.float64).masked_fill_(taken, -math.inf)
+        return gain, float(gain.abs().masked_fill(taken, 0).max()) * _COVERAGE_TIE_WINDOW
+
+    gain, window = recompute()  # float64 running gains: the updates subtract small numbers from larger ones
     for t in range(k):
-        batch = _LAZY_BATCH
-        while True:
-            j = bound.argmax()
-            if fresh[j]:
-                break
-            idx = torch.topk(bound, min(batch, n), sorted=False).indices
-            idx = torch.cat([idx, j.reshape(1)])
-            idx = idx[~fresh[idx]]
-            gain = cand.index_select(0, idx).sub_(best).clamp_(min=0).sum(dim=1)
-            if bonus is not None:
-                gain += bonus[idx]
-            bound[idx] = gain
-            fresh[idx] = True
-            batch = min(2 * batch, n)
+        top = gain.max()
+        near = torch.nonzero(gain >= top - window).flatten()
+        j = near[exact(near).argmax()] if near.numel() > 1 else near[0]
         selected[t] = j
-        bound[j] = -math.inf  # never the argmax again
         taken[j] = True
-        if t < k - 1:
-            torch.maximum(best, cand[j], out=best)
-            fresh.copy_(taken)  # every bound is now stale, except the -inf of taken candidates
+        gain[j] = -math.inf
+        if t == k - 1:
+            break
+        row = candidates[j]
+        improved = torch.nonzero(row > best).flatten()
+        if improved.numel() >= _COVERAGE_RECOMPUTE_SHARE * m:
+            best = torch.maximum(best, row)
+            gain, window = recompute()
+        elif improved.numel():
+            old, new = best[improved], row[improved]
+            covered = items.index_select(0, improved)  # clamp(items, old, new), in place (tensor-bound clamp is slow)
+            torch.maximum(covered, old[:, None], out=covered)
+            torch.minimum(covered, new[:, None], out=covered)
+            gain -= covered.sum(dim=0).to(torch.float64) - float(old.sum())
+            best[improved] = new
     return selected
 
 
@@ -436,9 +457,9 @@ def max_coverage(C: Tensor, k: int) -> Tensor:
 
     Maximises ``sum_r max_{j in S} C[r, j]`` greedily: each step picks
     ``argmax_j sum_r relu(C[r, j] - best[r])`` over unselected columns (ties to the lower index), then sets
-    ``best = max(best, C[:, j*])``; ``best`` starts at 0, so negative entries never contribute. Uses lazy
-    greedy evaluation (stale gains are upper bounds), which gives the same picks as recomputing every gain
-    at every step.
+    ``best = max(best, C[:, j*])``; ``best`` starts at 0, so negative entries never contribute. The gains are
+    kept current incrementally (see ``_greedy_coverage``), with the same picks as recomputing every gain at
+    every step.
 
     Parameters
     ----------
@@ -456,8 +477,7 @@ def max_coverage(C: Tensor, k: int) -> Tensor:
     if C.dim() != 2:
         raise ValueError(f"C must be [M, N], got shape {tuple(C.shape)}")
     _check_k(k, C.shape[1])
-    # Candidate-major copy so that re-evaluating a batch of candidates gathers contiguous rows.
-    return _greedy_coverage(C.to(_compute_dtype(C)).T.contiguous(), k, None)
+    return _greedy_coverage(C.to(_compute_dtype(C)).contiguous(), k, None)  # C is item-major already
 
 
 def facility_location(
@@ -499,8 +519,9 @@ def facility_location(
         if modular.shape != (n,):
             raise ValueError(f"modular must have shape [{n}], got {tuple(modular.shape)}")
         bonus = lam * modular.to(device=sim.device, dtype=dtype)
-    # Rows of sim are already the candidates.
-    return _greedy_coverage(sim.to(dtype).contiguous(), k, bonus)
+    # sim is candidate-major; the item-major copy serves the per-step reads of the items the last pick improved.
+    sim = sim.to(dtype).contiguous()
+    return _greedy_coverage(sim.T.contiguous(), k, bonus, candidates=sim)
 
 
 def _euclidean_distance_matrix(x: Tensor) -> Tensor:
