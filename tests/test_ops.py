@@ -273,6 +273,12 @@ def test_max_coverage_long_run_with_recomputes_and_incremental_updates():
     assert all(j < 100 or j - 100 in got[: got.index(j)] for j in got)  # a duplicate never precedes its twin
 
 
+def test_max_coverage_negative_entries_never_cover():
+    g = torch.Generator().manual_seed(4)
+    c = torch.randn(300, 25, generator=g)  # half the entries negative; 300 rows: more than one row chunk
+    assert max_coverage(c, 12).tolist() == ref_coverage(c, 12)
+
+
 def test_max_coverage_hand_made():
     c = torch.tensor(
         [
@@ -297,6 +303,15 @@ def test_facility_location_matches_reference(seed):
     mod = torch.rand(45, generator=g)
     assert facility_location(sim, 10).tolist() == ref_coverage(sim.T, 10)
     assert facility_location(sim, 10, mod, lam=0.7).tolist() == ref_coverage(sim.T, 10, 0.7 * mod)
+
+
+def test_facility_location_symmetric_shortcut_gives_the_same_picks():
+    g = torch.Generator().manual_seed(7)
+    sim = (cosine_similarity_matrix(torch.randn(60, 8, generator=g)) + 1) / 2
+    mod = torch.rand(60, generator=g)
+    expected = ref_coverage(sim.T, 15, 0.7 * mod)
+    assert facility_location(sim, 15, mod, lam=0.7).tolist() == expected
+    assert facility_location(sim, 15, mod, lam=0.7, symmetric=True).tolist() == expected
 
 
 def test_facility_location_k_equals_n():

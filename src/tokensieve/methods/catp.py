@@ -79,5 +79,6 @@ class CATP(Method):
         x = ctx.features[cand]
         sim = (cosine_similarity_matrix(x) + 1.0) / 2.0
         align = self.alignment(x, prompt_text_embeddings(ctx, self.text))
-        picks = facility_location(sim, min(k, cand.numel()), modular=align, lam=self.lam1 if align is not None else 0.0)
+        lam = self.lam1 if align is not None else 0.0
+        picks = facility_location(sim, min(k, cand.numel()), modular=align, lam=lam, symmetric=True)
         return torch.cat([lines, cand[picks]])

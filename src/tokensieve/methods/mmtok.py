@@ -142,7 +142,7 @@ class MMTok(Method):
     equal share of the budget, and the ``image_newline`` tokens are not fed at all; so ``per_crop=True`` and
     ``keep_newlines=False`` here. ``keep_newlines=True`` keeps them on top of the budget instead.
 
-    Differences from the official code: the greedy is the lazy exact greedy of ``ops.max_coverage`` (same picks;
+    Differences from the official code: the greedy is the incremental exact greedy of ``ops.max_coverage`` (same picks;
     ties to the lower index); per-crop budgets are ``k // n_crops`` with the remainder to the first crops (the
     official code gives every crop the same fixed count); the official Qwen path embeds ``"Question: " + q`` without
     stopword removal (``remove_stopwords=False`` reproduces that, minus the ``Question:`` prefix); HF tiles are

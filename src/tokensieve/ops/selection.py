@@ -38,12 +38,14 @@ __all__ = [
 # scripts/bench_ops.py), so the lazy row-per-step mode only pays off when k is well below N / 12.
 _LAZY_ROW_COST = 12
 
-# Coverage / facility location keep every candidate's gain up to date incrementally (only the items the last
-# pick improved are touched). When a pick improves at least this share of the items, the gains are recomputed
-# from scratch instead: as cheap at that size, and it resets the float drift of the large early updates.
-_COVERAGE_RECOMPUTE_SHARE = 0.5
-# Candidates whose running gain lies within this fraction of the reference gain scale of the best one are
-# re-evaluated exactly before a pick, so float drift in the running gains never changes the greedy choice.
+# Coverage / facility location keep every candidate's gain up to date incrementally: each step reads only the
+# rows of the items the last pick improved, this many rows at a time (bounded buffers; no page-faulting
+# [M, N] temporaries when a pick improves most items).
+_COVERAGE_ROW_CHUNK = 256
+# Candidates whose running gain lies within this fraction of the largest initial gain of the best one are
+# re-evaluated from scratch before a pick, so that rounding in the running gains never changes the greedy choice.
+# Their error stays well below it: float32 sums of the initial gains and of small per-step terms in
+# [0, new - old], accumulated in float64.
 _COVERAGE_TIE_WINDOW = 1e-5
 
 
@@ -391,65 +393,67 @@ def mmr(
 def _greedy_coverage(items: Tensor, k: int, bonus: Tensor | None, candidates: Tensor | None = None) -> Tensor:
     """Greedy maximisation of ``sum_r max_{j in S} items[r, j] + sum_{j in S} bonus[j]``.
 
-    ``items`` is [M, N], item-major: row ``r`` is how well each of the N candidates covers item ``r``
-    (``candidates``, its [N, M] transpose, is made if not given); the best coverage of every item starts at 0.
-    The gain of ``j`` is ``sum_r relu(items[r, j] - best[r]) + bonus[j]``.
+    ``items`` is [M, N], item-major: row ``r`` is how well each of the N candidates covers item ``r``;
+    ``candidates`` is the same matrix candidate-major ([N, M]) when the caller has it (cheaper rows). The best
+    coverage of every item starts at 0; the gain of ``j`` is ``sum_r relu(items[r, j] - best[r]) + bonus[j]``.
 
     Instead of re-evaluating candidates (lazy greedy), the gains of all candidates are kept current: a pick
     raises ``best`` only on the items ``R`` it covers better, and there every candidate's gain falls by
-    ``sum_{r in R} clamp(items[r, j], old_r, new_r) - old_r``. That is one ``[|R|, N]`` pass per step, and
-    ``|R|`` shrinks fast (on 2880 random 4096-d tokens, k = 320: the steps touch 17k items in all, against 45k
-    candidate evaluations of M items for lazy greedy). The first, large updates are recomputed from scratch
-    (``_COVERAGE_RECOMPUTE_SHARE``). Float drift of the running gains cannot change a pick: every candidate
-    within ``_COVERAGE_TIE_WINDOW`` of the best running gain is evaluated exactly, and the best exact gain wins
-    (ties: lowest index, as the plain greedy).
+    ``sum_{r in R} clamp(items[r, j], old_r, new_r) - old_r``: one pass over ``[|R|, N]`` per step, and ``|R|``
+    shrinks fast (2880 random 4096-d tokens, k = 320: 17k item rows in all, against 45k candidate evaluations
+    of 2880 items for lazy greedy), with a handful of kernel launches per step. Rounding in the running gains
+    cannot change a pick: when the best two are within ``_COVERAGE_TIE_WINDOW`` of each other, every candidate
+    that close to the best is evaluated from scratch (float64 sums) and the best of those wins (ties: lowest
+    index, as the plain greedy).
     """
     m, n = items.shape
     device = items.device
-    selected = torch.empty(k, dtype=torch.long, device=device)
     if k == 0:
-        return selected
-    if candidates is None:
-        candidates = items.T.contiguous()
+        return torch.empty(0, dtype=torch.long, device=device)
     best = torch.zeros(m, dtype=items.dtype, device=device)
-    taken = torch.zeros(n, dtype=torch.bool, device=device)
+
+    def column(j: int) -> Tensor:
+        return candidates[j] if candidates is not None else items[:, j]
 
     def exact(cols: Tensor) -> Tensor:
-        gain = candidates.index_select(0, cols).sub_(best).clamp_(min=0).sum(dim=1)
+        if candidates is not None:
+            gain = candidates.index_select(0, cols).sub_(best).clamp_(min=0).sum(dim=1, dtype=torch.float64)
+        else:
+            gain = items.index_select(1, cols).sub_(best[:, None]).clamp_(min=0).sum(dim=0, dtype=torch.float64)
         return gain if bonus is None else gain + bonus[cols]
 
-    scratch = torch.empty_like(candidates)
-
-    def recompute() -> tuple[Tensor, float]:
-        gain = torch.sub(candidates, best, out=scratch).clamp_(min=0).sum(dim=1)
-        if bonus is not None:
-            gain += bonus
-        gain = gain.to(torch.float64).masked_fill_(taken, -math.inf)
-        return gain, float(gain.abs().masked_fill(taken, 0).max()) * _COVERAGE_TIE_WINDOW
-
-    gain, window = recompute()  # float64 running gains: the updates subtract small numbers from larger ones
+    if bool(items.min() >= 0):  # the usual case (softmax rows, rescaled cosine): no clamped copy
+        gain = items.sum(dim=0).to(torch.float64)
+    else:  # negative entries never cover anything
+        gain = torch.zeros(n, dtype=torch.float64, device=device)
+        for start in range(0, m, _COVERAGE_ROW_CHUNK):
+            gain += items[start : start + _COVERAGE_ROW_CHUNK].clamp(min=0).sum(dim=0)
+    if bonus is not None:
+        gain += bonus
+    window = float(gain.abs().max()) * _COVERAGE_TIE_WINDOW
+    picks: list[int] = []
     for t in range(k):
-        top = gain.max()
-        near = torch.nonzero(gain >= top - window).flatten()
-        j = near[exact(near).argmax()] if near.numel() > 1 else near[0]
-        selected[t] = j
-        taken[j] = True
-        gain[j] = -math.inf
+        values, indices = (v.tolist() for v in torch.topk(gain, min(2, n)))  # one host sync per step
+        top, second, j = values[0], values[1] if n > 1 else -math.inf, indices[0]
+        if top - second <= window:  # a near-tie (or a rounding-sized gap): settle it on fresh gains
+            near = torch.nonzero(gain >= top - window).flatten()
+            j = int(near[exact(near).argmax()])
+        picks.append(j)
+        gain[j] = -math.inf  # never picked again
         if t == k - 1:
             break
-        row = candidates[j]
+        row = column(j)
         improved = torch.nonzero(row > best).flatten()
-        if improved.numel() >= _COVERAGE_RECOMPUTE_SHARE * m:
-            best = torch.maximum(best, row)
-            gain, window = recompute()
-        elif improved.numel():
-            old, new = best[improved], row[improved]
-            covered = items.index_select(0, improved)  # clamp(items, old, new), in place (tensor-bound clamp is slow)
-            torch.maximum(covered, old[:, None], out=covered)
-            torch.minimum(covered, new[:, None], out=covered)
-            gain -= covered.sum(dim=0).to(torch.float64) - float(old.sum())
-            best[improved] = new
-    return selected
+        for rows in improved.split(_COVERAGE_ROW_CHUNK):
+            # clamp(items[rows], old, new) - old, summed per candidate; maximum + minimum, as a clamp with
+            # tensor bounds is several times slower on CPU
+            old = best[rows]
+            covered = torch.maximum(items.index_select(0, rows), old[:, None])
+            torch.minimum(covered, row[rows][:, None], out=covered)
+            covered.sub_(old[:, None])  # small terms in [0, new - old]: their float32 sum is accurate
+            gain.sub_(covered.sum(dim=0))
+        torch.maximum(best, row, out=best)
+    return torch.tensor(picks, dtype=torch.long, device=device)
 
 
 def max_coverage(C: Tensor, k: int) -> Tensor:
@@ -485,6 +489,7 @@ def facility_location(
     k: int,
     modular: Tensor | None = None,
     lam: float = 0.0,
+    symmetric: bool = False,
 ) -> Tensor:
     """Greedy facility location with a modular term (CATP stage 1).
 
@@ -503,6 +508,9 @@ def facility_location(
         Per-candidate bonus (CATP: ``ŝim(y, mean(text))``).
     lam : float
         Weight of the modular term (CATP's lambda_1 = 0.7).
+    symmetric : bool
+        Promise that ``sim`` equals its transpose (a similarity of a set with itself, as CATP's), which saves
+        one [N, N] transposed copy. Not checked: with an asymmetric ``sim`` the picks would be wrong.
 
     Returns
     -------
@@ -519,9 +527,10 @@ def facility_location(
         if modular.shape != (n,):
             raise ValueError(f"modular must have shape [{n}], got {tuple(modular.shape)}")
         bonus = lam * modular.to(device=sim.device, dtype=dtype)
-    # sim is candidate-major; the item-major copy serves the per-step reads of the items the last pick improved.
-    sim = sim.to(dtype).contiguous()
-    return _greedy_coverage(sim.T.contiguous(), k, bonus, candidates=sim)
+    sim = sim.to(dtype).contiguous()  # candidate-major
+    # The per-step reads are rows of items: sim itself when symmetric, else one transposed copy.
+    items = sim if symmetric else sim.T.contiguous()
+    return _greedy_coverage(items, k, bonus, candidates=sim)
 
 
 def _euclidean_distance_matrix(x: Tensor) -> Tensor:
