@@ -29,6 +29,7 @@ from tokensieve.ops import (
     max_coverage,
     minmax_normalise,
     mmr,
+    selection,
 )
 
 D = 4096
@@ -139,6 +140,16 @@ def bench_size(n: int) -> list[Row]:
         timeit(lambda: facility_location(fl_sim, k, modular, 0.7, symmetric=True)),  # as CATP calls it
         True,
     )
+    if selection._numba_coverage() is not None:  # the rows above ran the compiled kernel; also time the torch loop
+        selection.USE_NUMBA = False
+        try:
+            add("  same, torch loop (the GPU path): max_coverage", timeit(lambda: max_coverage(cov, k)))
+            add(
+                "  same, torch loop (the GPU path): facility_location",
+                timeit(lambda: facility_location(fl_sim, k, modular, 0.7, symmetric=True)),
+            )
+        finally:
+            selection.USE_NUMBA = True
 
     if n <= 576:
         got: list[torch.Tensor] = []

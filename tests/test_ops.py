@@ -21,6 +21,7 @@ from tokensieve.ops import (
     merge_by_assignment,
     minmax_normalise,
     mmr,
+    selection,
     topk_indices,
 )
 
@@ -247,22 +248,31 @@ def test_mmr_hand_made():
 # ----------------------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(params=["numba", "torch"])
+def backend(request, monkeypatch):
+    """Run a coverage test on the compiled CPU kernel and on the torch loop (what GPU tensors use)."""
+    if request.param == "numba":
+        assert selection._numba_coverage() is not None
+    monkeypatch.setattr(selection, "USE_NUMBA", request.param == "numba")
+    return request.param
+
+
 @pytest.mark.parametrize("seed", range(4))
-def test_max_coverage_matches_reference(seed):
+def test_max_coverage_matches_reference(seed, backend):
     g = torch.Generator().manual_seed(seed)
     # MMTok-like: rows are softmax distributions over the candidates
     c = torch.softmax(torch.randn(70, 40, generator=g) / 0.3, dim=1)
     assert max_coverage(c, 15).tolist() == ref_coverage(c, 15)
 
 
-def test_max_coverage_sparse_rows_reference():
+def test_max_coverage_sparse_rows_reference(backend):
     # few rows improve per step: exercises the incremental update path
     g = torch.Generator().manual_seed(9)
     c = torch.rand(200, 30, generator=g) ** 8
     assert max_coverage(c, 30).tolist() == ref_coverage(c, 30)
 
 
-def test_max_coverage_long_run_with_recomputes_and_incremental_updates():
+def test_max_coverage_long_run_with_large_and_small_updates(backend):
     # dense rows: the first picks improve most items (full recompute), later ones few (incremental updates),
     # and the running gains drift over 60 steps; duplicated columns test the lowest-index tie rule
     g = torch.Generator().manual_seed(3)
@@ -273,13 +283,13 @@ def test_max_coverage_long_run_with_recomputes_and_incremental_updates():
     assert all(j < 100 or j - 100 in got[: got.index(j)] for j in got)  # a duplicate never precedes its twin
 
 
-def test_max_coverage_negative_entries_never_cover():
+def test_max_coverage_negative_entries_never_cover(backend):
     g = torch.Generator().manual_seed(4)
     c = torch.randn(300, 25, generator=g)  # half the entries negative; 300 rows: more than one row chunk
     assert max_coverage(c, 12).tolist() == ref_coverage(c, 12)
 
 
-def test_max_coverage_hand_made():
+def test_max_coverage_hand_made(backend):
     c = torch.tensor(
         [
             [1.0, 0.0, 0.0, 0.0],
@@ -295,7 +305,7 @@ def test_max_coverage_hand_made():
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_facility_location_matches_reference(seed):
+def test_facility_location_matches_reference(seed, backend):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(45, 10, generator=g)
     sim = (cosine_similarity_matrix(x) + 1) / 2
@@ -305,7 +315,7 @@ def test_facility_location_matches_reference(seed):
     assert facility_location(sim, 10, mod, lam=0.7).tolist() == ref_coverage(sim.T, 10, 0.7 * mod)
 
 
-def test_facility_location_symmetric_shortcut_gives_the_same_picks():
+def test_facility_location_symmetric_shortcut_gives_the_same_picks(backend):
     g = torch.Generator().manual_seed(7)
     sim = (cosine_similarity_matrix(torch.randn(60, 8, generator=g)) + 1) / 2
     mod = torch.rand(60, generator=g)
@@ -314,7 +324,7 @@ def test_facility_location_symmetric_shortcut_gives_the_same_picks():
     assert facility_location(sim, 15, mod, lam=0.7, symmetric=True).tolist() == expected
 
 
-def test_facility_location_k_equals_n():
+def test_facility_location_k_equals_n(backend):
     sim = torch.eye(6)
     got = facility_location(sim, 6)
     assert sorted(got.tolist()) == list(range(6))

@@ -18,7 +18,9 @@ The rules are the ones specified in ``/work/shared/research/pruning-methods.md``
 from __future__ import annotations
 
 import math
+import os
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -390,6 +392,22 @@ def mmr(
     return selected
 
 
+# The coverage greedy runs as a compiled kernel on CPU tensors when numba is installed (a dependency of the
+# package); TOKENSIEVE_NUMBA=0 (or setting this to False) forces the torch loop, which GPU tensors always use.
+USE_NUMBA = os.environ.get("TOKENSIEVE_NUMBA", "1") != "0"
+
+
+def _numba_coverage():
+    """The compiled coverage kernel, or None (numba missing or disabled)."""
+    if not USE_NUMBA:
+        return None
+    try:
+        from . import _coverage_numba
+    except ImportError:
+        return None
+    return _coverage_numba
+
+
 def _greedy_coverage(items: Tensor, k: int, bonus: Tensor | None, candidates: Tensor | None = None) -> Tensor:
     """Greedy maximisation of ``sum_r max_{j in S} items[r, j] + sum_{j in S} bonus[j]``.
 
@@ -410,6 +428,20 @@ def _greedy_coverage(items: Tensor, k: int, bonus: Tensor | None, candidates: Te
     device = items.device
     if k == 0:
         return torch.empty(0, dtype=torch.long, device=device)
+    kernel = _numba_coverage() if device.type == "cpu" else None
+    if kernel is not None:
+        import numba
+
+        picks = kernel.greedy_coverage(
+            items.detach().contiguous().numpy(),
+            candidates.detach().contiguous().numpy() if candidates is not None else np.zeros((1, 1), np.float32),
+            candidates is not None,
+            np.zeros(n) if bonus is None else bonus.detach().to(torch.float64).numpy(),
+            k,
+            _COVERAGE_TIE_WINDOW,
+            max(1, min(numba.get_num_threads(), torch.get_num_threads())),
+        )
+        return torch.from_numpy(picks).to(device)
     best = torch.zeros(m, dtype=items.dtype, device=device)
 
     def column(j: int) -> Tensor:
