@@ -423,6 +423,9 @@ def _greedy_coverage(items: Tensor, k: int, bonus: Tensor | None, candidates: Te
     cannot change a pick: when the best two are within ``_COVERAGE_TIE_WINDOW`` of each other, every candidate
     that close to the best is evaluated from scratch (float64 sums) and the best of those wins (ties: lowest
     index, as the plain greedy).
+
+    On CPU tensors the same loop runs compiled (``ops._coverage_numba``: one fused pass per step instead of about
+    twenty kernel launches); GPU tensors, or ``USE_NUMBA = False`` / ``TOKENSIEVE_NUMBA=0``, run the torch loop.
     """
     m, n = items.shape
     device = items.device
