@@ -166,7 +166,8 @@ class Sieve:
         if cls_readers and not self.adapter.vision_layout()[0]:
             raise UnsupportedModelError(
                 f"{', '.join(cls_readers)} score(s) tokens by [CLS] attention and the {self.adapter.family} vision "
-                f"tower has no [CLS] token; use hiprune or flowcut (they have a Qwen path) or a projector-stage "
+                f"tower has no [CLS] token; use a built-in vision method (visionzip, hiprune, flowcut, tcc: they "
+                f"have a CLS-free path) or a projector-stage "
                 f"method (e.g. divprune, zoo) on this family."
             )
         self.needs = needs
