@@ -257,6 +257,19 @@ def backend(request, monkeypatch):
     return request.param
 
 
+def test_cpu_coverage_runs_the_compiled_kernel_and_gpu_style_calls_the_torch_loop(monkeypatch):
+    from tokensieve.ops import _coverage_numba
+
+    calls = []
+    compiled = _coverage_numba.greedy_coverage
+    monkeypatch.setattr(_coverage_numba, "greedy_coverage", lambda *a: calls.append(1) or compiled(*a))
+    c = torch.rand(40, 25, generator=torch.Generator().manual_seed(1))
+    picks = max_coverage(c, 6)
+    assert calls == [1]
+    monkeypatch.setattr(selection, "USE_NUMBA", False)  # the path GPU tensors take
+    assert torch.equal(max_coverage(c, 6), picks) and calls == [1]
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_max_coverage_matches_reference(seed, backend):
     g = torch.Generator().manual_seed(seed)
