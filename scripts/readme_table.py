@@ -8,21 +8,15 @@ each budget, and the per-family accuracies at the last one. Errors are shown as 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+
+from tokensieve.bench.runner import RESULTS_FILE, read_rows
 
 FAMILIES = ("color", "exist", "count", "position", "read")
 
 
 def load(run_dir: Path) -> dict[tuple[str, float], dict]:
-    cells = {}
-    for line in (run_dir / "results.jsonl").read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # a torn last line of an interrupted run
-            continue
-        cells[(row["method"], float(row["keep"]))] = row
-    return cells
+    return {(row["method"], float(row["keep"])): row for row in read_rows(run_dir / RESULTS_FILE)}
 
 
 def table(cells: dict[tuple[str, float], dict], keeps: list[float]) -> str:
