@@ -10,6 +10,7 @@ Compiled on first use and cached on disk (``cache=True``), so only the first pro
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -82,3 +83,18 @@ def greedy_coverage(items, candidates, has_candidates, bonus, k, window_rel, n_b
         for i in range(n_improved):
             best[improved[i]] = row[improved[i]]
     return picks
+
+
+def run(items: np.ndarray, candidates: np.ndarray | None, bonus: np.ndarray | None, k: int, window_rel: float,
+        max_threads: int) -> np.ndarray:  # fmt: skip
+    """Picks [k] of :func:`greedy_coverage`; ``candidates`` / ``bonus`` may be None; at most ``max_threads``."""
+    n = items.shape[1]
+    return greedy_coverage(
+        items,
+        candidates if candidates is not None else np.zeros((1, 1), items.dtype),
+        candidates is not None,
+        np.zeros(n) if bonus is None else bonus,
+        k,
+        window_rel,
+        max(1, min(numba.get_num_threads(), max_threads)),
+    )

@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 import os
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -433,16 +432,13 @@ def _greedy_coverage(items: Tensor, k: int, bonus: Tensor | None, candidates: Te
         return torch.empty(0, dtype=torch.long, device=device)
     kernel = _numba_coverage() if device.type == "cpu" else None
     if kernel is not None:
-        import numba
-
-        picks = kernel.greedy_coverage(
+        picks = kernel.run(
             items.detach().contiguous().numpy(),
-            candidates.detach().contiguous().numpy() if candidates is not None else np.zeros((1, 1), np.float32),
-            candidates is not None,
-            np.zeros(n) if bonus is None else bonus.detach().to(torch.float64).numpy(),
+            None if candidates is None else candidates.detach().contiguous().numpy(),
+            None if bonus is None else bonus.detach().to(torch.float64).numpy(),
             k,
             _COVERAGE_TIE_WINDOW,
-            max(1, min(numba.get_num_threads(), torch.get_num_threads())),
+            torch.get_num_threads(),
         )
         return torch.from_numpy(picks).to(device)
     best = torch.zeros(m, dtype=items.dtype, device=device)
