@@ -4,7 +4,7 @@ from .adapters import UnsupportedModelError, supported_families
 from .budget import BudgetError, layer_average_to_stage_count, resolve_keep
 from .context import ImageContext, LLMContext, Selection
 from .methods import LLMMethod, Method, MethodError, list_methods, make_method, method_class
-from .sieve import NoImageTokensWarning, Sieve, sieve
+from .sieve import NoImageTokensWarning, Sieve, SieveUsageError, sieve
 from .trace import Trace
 
 __version__ = "0.1.0"
@@ -19,6 +19,7 @@ __all__ = [
     "NoImageTokensWarning",
     "Selection",
     "Sieve",
+    "SieveUsageError",
     "Trace",
     "UnsupportedModelError",
     "layer_average_to_stage_count",

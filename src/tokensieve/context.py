@@ -7,12 +7,31 @@ language model width, ``d_in`` for the projector input width, ``t`` for the prom
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from .ops.attention import attention_rows
+
+
+def seeded_generator(seed: int, content_key: int, layer: int = 0) -> torch.Generator:
+    """A CPU generator from the method's ``seed``, the image's content key and (for LLM contexts) the layer.
+
+    The three are hashed together (blake2b), so any seed in [0, 2**63) works, and the draw depends on the image's
+    content, never on its place in the batch, the batch size or the padding."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed={seed!r}: pass an int in [0, 2**63 - 1]")
+    data = b"".join(int(v).to_bytes(8, "little", signed=True) for v in (seed, content_key, layer))
+    mixed = int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
+    return torch.Generator(device="cpu").manual_seed(mixed)
+
+
+def _key_of(x: torch.Tensor) -> int:
+    from .core.images import content_key
+
+    return content_key(x)
 
 
 @dataclass
@@ -92,14 +111,17 @@ class ImageContext:
     vision_patch_index: torch.Tensor | None = None  # [n] patch row of each candidate in its crop's vision tensors
     family: str = ""
     text_segment: torch.Tensor | None = None  # [t] index of the last image before each text token (-1: none)
+    content_key: int | None = None  # hash of the image's content (the sieve sets it; None: hash of ``features``)
 
     @property
     def n(self) -> int:
         return int(self.token_index.numel())
 
     def generator(self, seed: int) -> torch.Generator:
-        """A generator seeded by ``seed`` and this image's place in the batch: same seed, same tokens."""
-        return torch.Generator(device="cpu").manual_seed(int(seed) * 1_000_003 + self.sample * 1009 + self.image)
+        """A generator from ``seed`` and the image's content: same image and seed, same draw, wherever the image
+        sits in the batch."""
+        key = self.content_key if self.content_key is not None else _key_of(self.features)
+        return seeded_generator(seed, key)
 
 
 @dataclass
@@ -156,17 +178,20 @@ class LLMContext:
     stage_index: int = 0  # which of the method's layers this is
     norm: Callable[[torch.Tensor], torch.Tensor] | None = None  # the decoder's final norm
     extra: dict = field(default_factory=dict)
+    content_key: int | None = None  # hash of the image's content (the sieve sets it; None: hash of ``hidden``)
 
     @property
     def n(self) -> int:
         return int(self.token_index.numel())
 
     def generator(self, seed: int) -> torch.Generator:
-        return torch.Generator(device="cpu").manual_seed(
-            int(seed) * 1_000_003 + self.sample * 1009 + self.image * 7 + self.layer
-        )
+        """A generator from ``seed``, the image's content and this layer (never the image's batch position)."""
+        key = self.content_key if self.content_key is not None else _key_of(self.hidden)
+        return seeded_generator(seed, key, self.layer)
 
     def capture(self, layer: int | None = None) -> LayerCapture:
+        """Signals of decoder layer ``layer`` (default ``layer - 1``); ``capture(self.layer)`` is this layer's own
+        q/k computed from its input, for methods that declare ``"own_qk"``."""
         layer = self.layer - 1 if layer is None else layer
         if layer not in self.layers:
             raise RuntimeError(

@@ -31,6 +31,8 @@ class FeatureRecord:
     vision_output: object = None  # raw output of the vision tower call (Qwen: pre-merger patches)
     vision_qk: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # layer -> q/k/v [crops, T, H, d]
     vision_hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [crops, T, d_v]
+    images: list[ImageTokens] | None = None  # the adapter's per-image tokens, computed once per record
+    keys: list[int] | None = None  # per image: content key (hash of its pixels), see core.images
 
 
 @dataclass
@@ -138,6 +140,31 @@ class Adapter:
             handles.append(enc_layers[layer].register_forward_hook(hidden_hook))
         return handles
 
+    def install_projector_capture(self, sink: Callable[[], FeatureRecord | None]) -> list:
+        """Hook what ``pre_features`` are read from into ``sink()``: here the projector's input."""
+
+        def hook(module, args, output):
+            record = sink()
+            if record is not None:
+                record.projector_input = args[0].detach()
+
+        return [self.projector_module().register_forward_hook(hook)]
+
+    def image_pixels(self, record: FeatureRecord) -> list[torch.Tensor] | None:
+        """Per image (placeholder order), the pixel tensor it was encoded from; None when unknown."""
+        pixels = record.call_kwargs.get("pixel_values")
+        if not isinstance(pixels, torch.Tensor) or pixels.shape[0] != len(record.features):
+            return None
+        return list(pixels)
+
+    def final_norm(self) -> nn.Module | None:
+        """The decoder's final norm (applied before the LM head), for methods that read logit-lens signals."""
+        return getattr(self.text_model, "norm", None)
+
+    def decoder_position_ids(self, position_ids: torch.Tensor | None) -> torch.Tensor | None:
+        """The position ids the decoder layers use, from what the text model was called with."""
+        return position_ids
+
     def attn_implementation(self) -> str:
         return str(getattr(self.text_model.config, "_attn_implementation", None) or "eager")
 
@@ -151,6 +178,24 @@ class Adapter:
         attn = self.layers[layer].self_attn
         apply = sys.modules[type(attn).__module__].apply_rotary_pos_emb
         return apply(q, k, cos, sin)
+
+    def layer_qk(
+        self, layer: int, hidden: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries [B, H, L, d] and keys [B, H_kv, L, d] after RoPE that decoder layer ``layer`` computes from its
+        input ``hidden`` [B, L, D] (its input norm, q/k projections, q/k norms if any, RoPE from ``cos_sin``).
+        Only the projections run: no attention, no cache write."""
+        block = self.layers[layer]
+        attn = block.self_attn
+        _, _, heads, kv_heads, head_dim = self.qk_projections(layer)
+        x = block.input_layernorm(hidden)
+        b, length, _ = x.shape
+        q = attn.q_proj(x).view(b, length, heads, head_dim)
+        k = attn.k_proj(x).view(b, length, kv_heads, head_dim)
+        if getattr(attn, "q_norm", None) is not None:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        cos, sin = cos_sin
+        return self.rotate_qk(layer, q.transpose(1, 2), k.transpose(1, 2), cos, sin)
 
     def qk_projections(self, layer: int) -> tuple[nn.Module, nn.Module, int, int, int]:
         attn = self.layers[layer].self_attn
@@ -187,18 +232,18 @@ _ADAPTERS: list[type[Adapter]] = []
 
 
 def register_adapter(cls: type[Adapter]) -> type[Adapter]:
-    _ADAPTERS.append(cls)
+    """Class decorator of the concrete adapters: add ``cls`` to the registry (``adapters/__init__`` imports them)."""
+    if cls not in _ADAPTERS:
+        _ADAPTERS.append(cls)
     return cls
 
 
 def supported_families() -> list[str]:
-    _load()
     return [f"{a.family} ({', '.join(a.model_classes)})" for a in _ADAPTERS]
 
 
 def get_adapter(model: nn.Module) -> Adapter:
     """The adapter for ``model``, chosen by its class (and so by its config), never by hard-coded offsets."""
-    _load()
     names = {cls.__name__ for cls in type(model).__mro__}
     for adapter in _ADAPTERS:
         if names & set(adapter.model_classes):
@@ -207,7 +252,3 @@ def get_adapter(model: nn.Module) -> Adapter:
         f"{type(model).__name__} is not a supported model family. Supported: {'; '.join(supported_families())}. "
         f"Load the model with its *ForConditionalGeneration class (e.g. LlavaForConditionalGeneration)."
     )
-
-
-def _load() -> None:
-    from . import llava, llava_next, qwen2_vl  # noqa: F401

@@ -25,24 +25,31 @@ class LlavaNextAdapter(LlavaAdapter):
     def fixed_tokens_per_image(self) -> int | None:
         return None  # anyres: the count depends on each image's size
 
-    def image_tokens(self, record: FeatureRecord) -> list[ImageTokens]:
-        image_sizes = record.call_kwargs["image_sizes"]
-        vision_cfg = self.config.vision_config
-        num_patches = [
+    def image_pixels(self, record: FeatureRecord) -> list[torch.Tensor] | None:
+        pixels = record.call_kwargs.get("pixel_values")
+        if not isinstance(pixels, torch.Tensor) or pixels.dim() != 5:
+            return None
+        return [pixels[i, :n] for i, n in enumerate(self._num_patches(record))]  # the batch pads crops
+
+    def _num_patches(self, record: FeatureRecord) -> list[int]:
+        return [
             image_size_to_num_patches(
                 image_size=size,
                 grid_pinpoints=self.config.image_grid_pinpoints,
-                patch_size=vision_cfg.image_size,
+                patch_size=self.config.vision_config.image_size,
             )
-            for size in image_sizes
+            for size in record.call_kwargs["image_sizes"]
         ]
+
+    def image_tokens(self, record: FeatureRecord) -> list[ImageTokens]:
+        image_sizes = record.call_kwargs["image_sizes"]
+        vision_cfg = self.config.vision_config
+        num_patches = self._num_patches(record)
         x = record.projector_input  # [sum(num_patches), N, d_in]
         n_per_crop = x.shape[1] if x is not None else (vision_cfg.image_size // vision_cfg.patch_size) ** 2
         side = vision_cfg.image_size // vision_cfg.patch_size
         # Index tensors through the model's own packing: value = crop * N + patch, newline = -1.
-        index_feats = [
-            torch.arange(n * n_per_crop, dtype=torch.float64).view(n, n_per_crop, 1) for n in num_patches
-        ]
+        index_feats = [torch.arange(n * n_per_crop, dtype=torch.float64).view(n, n_per_crop, 1) for n in num_patches]
         packed, _ = self.base.pack_image_features(
             index_feats,
             image_sizes,

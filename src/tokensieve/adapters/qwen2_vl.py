@@ -48,6 +48,27 @@ class Qwen2VLAdapter(Adapter):
 
         return project
 
+    def install_projector_capture(self, sink: Callable[[], FeatureRecord | None]) -> list:
+        """Pre-merger patches come from the tower's output (``last_hidden_state``), in window order."""
+
+        def hook(module, args, output):
+            record = sink()
+            if record is not None:
+                record.vision_output = output
+
+        return [self.visual.register_forward_hook(hook)]
+
+    def image_pixels(self, record: FeatureRecord) -> list[torch.Tensor] | None:
+        pixels, grid = record.call_kwargs.get("pixel_values"), record.call_kwargs.get("image_grid_thw")
+        if not isinstance(pixels, torch.Tensor) or grid is None:
+            return None
+        return list(torch.split(pixels, grid.prod(-1).tolist()))  # one row per patch, images back to back
+
+    def decoder_position_ids(self, position_ids: torch.Tensor | None) -> torch.Tensor | None:
+        if position_ids is not None and position_ids.dim() == 3 and position_ids.shape[0] == 4:
+            return position_ids[1:]  # Qwen prepends text positions for packed masks
+        return position_ids
+
     # ----- vision tower ------------------------------------------------------------------------------------------
     def vision_attention_layers(self) -> list[nn.Module]:
         return [block.attn for block in self.visual.blocks]

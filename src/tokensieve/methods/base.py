@@ -32,6 +32,7 @@ SIGNALS = {
     "attention": "queries/keys after RoPE of the capture layers (default: the layer before the pruning layer)",
     "layer_hidden": "hidden states at the input of the capture layers",
     "sublayer_io": "normed inputs and outputs of the attention and MLP blocks of the capture layers",
+    "own_qk": "queries/keys after RoPE of the pruning layer itself, from its input (ctx.capture(ctx.layer))",
 }
 
 _REGISTRY: dict[str, type[Method]] = {}
