@@ -136,7 +136,7 @@ class Calls:
         if not request.prefill:
             outputs.realign_decode(request, output)
             return output
-        output.last_hidden_state = layout.scatter_rows(output[0], request.cols, request.length)
+        output.last_hidden_state = layout.scatter_rows(output[0], request.cols, request.layout_valid, request.length)
         outputs.realign_prefill(request, output)
         return output
 

@@ -88,14 +88,16 @@ def format_mask(allowed: torch.Tensor, key_valid: torch.Tensor, original, dtype:
     return allowed
 
 
-def scatter_rows(values: torch.Tensor, cols: torch.Tensor, length: int, dim: int = 1) -> torch.Tensor:
+def scatter_rows(
+    values: torch.Tensor, cols: torch.Tensor, valid: torch.Tensor, length: int, dim: int = 1
+) -> torch.Tensor:
     """Put ``values`` (rows in a pruned layout along ``dim``) back at their original columns of a length-``length``
-    axis; pruned columns get zeros. ``cols`` [B, Lc]; ``values`` has the batch on dim 0."""
+    axis; pruned columns get zeros. ``cols``, ``valid`` [B, Lc]; ``values`` has the batch on dim 0. Padding rows
+    of the layout hold columns that were dropped (never a kept one), so they are zeroed before the scatter."""
     shape = list(values.shape)
     shape[dim] = length
-    full = values.new_zeros(shape)
-    index = cols.to(values.device)
-    view = [index.shape[0]] + [1] * (values.dim() - 1)
-    view[dim] = index.shape[1]
-    index = index.view(view).expand_as(values)
-    return full.scatter_(dim, index, values)
+    view = [cols.shape[0]] + [1] * (values.dim() - 1)
+    view[dim] = cols.shape[1]
+    index = cols.to(values.device).view(view).expand_as(values)
+    keep = valid.to(values.device).view(view)
+    return values.new_zeros(shape).scatter_(dim, index, values * keep)
