@@ -77,9 +77,7 @@ def test_error_inside_forward_leaves_model_clean(family):
 def _text_model_inputs(model, single_inputs) -> tuple[torch.Tensor, torch.Tensor]:
     """The embeddings and position ids (3-D on Qwen) that the unpruned model hands its text decoder."""
     captured = {}
-    handle = model.model.language_model.register_forward_pre_hook(
-        lambda m, a, k: captured.update(k), with_kwargs=True
-    )
+    handle = model.model.language_model.register_forward_pre_hook(lambda m, a, k: captured.update(k), with_kwargs=True)
     with torch.no_grad():
         model(**single_inputs)
     handle.remove()
@@ -167,8 +165,12 @@ def test_generate_matches_uncached_decoding(family, policy, where):
     steps = 5
     with tokensieve.sieve(model, stages), torch.no_grad():
         out = model.generate(
-            **inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-            output_logits=True, return_dict_in_generate=True,
+            **inputs,
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
         )
         uncached = _uncached_logits(model, inputs, out.sequences, steps)
     for t in range(steps):
@@ -289,8 +291,16 @@ def test_unknown_hyperparameter_and_bad_layer():
 def test_unsupported_model_names_supported_families():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=32,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
     with pytest.raises(UnsupportedModelError, match="llava_next"):
         tokensieve.sieve(model, "random", keep=4)
 
