@@ -41,49 +41,42 @@ class LlavaNextAdapter(LlavaAdapter):
             for size in record.call_kwargs["image_sizes"]
         ]
 
+    def _packed_index(self, record: FeatureRecord, num_patches: list[int], n_per_crop: int) -> list[torch.Tensor]:
+        """Per image [n_i]: ``crop * N + patch`` of each placeholder token, ``-1`` for newlines, computed by the
+        model's own ``pack_image_features`` on index tensors."""
+        index_feats = [torch.arange(n * n_per_crop, dtype=torch.float64).view(n, n_per_crop, 1) for n in num_patches]
+        packed, _ = self.base.pack_image_features(
+            index_feats,
+            record.call_kwargs["image_sizes"],
+            vision_feature_select_strategy=self._select_strategy(record),
+            image_newline=torch.tensor([-1.0], dtype=torch.float64),
+        )
+        return [flat[:, 0].round().long() for flat in packed]
+
     def image_tokens(self, record: FeatureRecord) -> list[ImageTokens]:
-        image_sizes = record.call_kwargs["image_sizes"]
         vision_cfg = self.config.vision_config
         num_patches = self._num_patches(record)
         x = record.projector_input  # [sum(num_patches), N, d_in]
         n_per_crop = x.shape[1] if x is not None else (vision_cfg.image_size // vision_cfg.patch_size) ** 2
         side = vision_cfg.image_size // vision_cfg.patch_size
-        # Index tensors through the model's own packing: value = crop * N + patch, newline = -1.
-        index_feats = [torch.arange(n * n_per_crop, dtype=torch.float64).view(n, n_per_crop, 1) for n in num_patches]
-        packed, _ = self.base.pack_image_features(
-            index_feats,
-            image_sizes,
-            vision_feature_select_strategy=self._select_strategy(record),
-            image_newline=torch.tensor([-1.0], dtype=torch.float64),
-        )
         has_cls_offset = 1 if self._select_strategy(record) == "default" else 0
         images, crop_offset = [], 0
+        packed = self._packed_index(record, num_patches, n_per_crop)
         for i, (f, flat) in enumerate(zip(record.features, packed, strict=True)):
-            device = f.device
-            flat = flat[:, 0].round().long().to(device)
+            flat = flat.to(f.device)
             newline = flat < 0
             safe = flat.clamp(min=0)
-            crop = torch.where(newline, torch.full_like(flat, -1), safe // n_per_crop)
             patch = safe % n_per_crop
             rc = torch.stack([patch // side, patch % side], dim=1)
             rc[newline] = -1
             pre = None
             if x is not None:
-                crops_x = x[crop_offset : crop_offset + num_patches[i]].reshape(-1, x.shape[-1])
-                pre = crops_x[safe]
+                pre = x[crop_offset : crop_offset + num_patches[i]].reshape(-1, x.shape[-1])[safe]
                 pre[newline] = 0.0
-            groups = crop.clamp(min=0)
+            crops = list(range(crop_offset, crop_offset + num_patches[i]))
+            groups = torch.where(newline, torch.zeros_like(flat), safe // n_per_crop)
             images.append(
-                ImageTokens(
-                    features=f,
-                    grid_rc=rc,
-                    grid_hw=(side, side),
-                    groups=groups,
-                    always_keep=newline,
-                    pre_features=pre,
-                    crops=list(range(crop_offset, crop_offset + num_patches[i])),
-                    vision_patch_index=patch + has_cls_offset,
-                )
+                ImageTokens(f, rc, (side, side), groups, newline, pre, crops, vision_patch_index=patch + has_cls_offset)
             )
             crop_offset += num_patches[i]
         return images

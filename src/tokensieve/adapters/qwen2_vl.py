@@ -16,6 +16,7 @@ size), ``vision_hidden[layer]`` a list of [P_f, d_v]; both index like the CLIP `
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Callable
 
 import torch
@@ -108,54 +109,64 @@ class Qwen2VLAdapter(Adapter):
 
         Hooks: a pre-hook on the tower reads ``grid_thw`` (frame sizes, window order), a pre-hook with kwargs on
         each block reads its ``position_embeddings`` (cos, sin), a hook on the block's ``attn.qkv`` rotates and
-        stores q/k/v, a hook on the block stores its output."""
-        visual = self.visual
-        state: dict = {}
+        stores q/k/v, a hook on the block stores its output. The hooks' scratch state is per thread."""
+        local = threading.local()
 
-        def per_frame(x: torch.Tensor) -> list[torch.Tensor]:
-            order = state["order"]
-            if order is not None:
-                x = x[order.to(x.device)]
-            return list(torch.split(x, state["sizes"]))
+        def state() -> dict:
+            if not hasattr(local, "state"):
+                local.state = {}
+            return local.state
 
         def on_tower(module, args, kwargs):
             grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
             if grid is None:
                 raise RuntimeError("qwen2_vl vision capture: the vision tower was called without grid_thw")
-            state["order"] = self._natural_order(grid)
-            state["sizes"] = (grid[:, 1] * grid[:, 2]).repeat_interleave(grid[:, 0]).tolist()  # one per frame
+            state()["order"] = self._natural_order(grid)
+            state()["sizes"] = (grid[:, 1] * grid[:, 2]).repeat_interleave(grid[:, 0]).tolist()  # one per frame
 
-        handles = [visual.register_forward_pre_hook(on_tower, with_kwargs=True)]
+        handles = [self.visual.register_forward_pre_hook(on_tower, with_kwargs=True)]
         for layer in layers:
-            block = visual.blocks[layer]
-            attn = block.attn
-            rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
-
-            def on_block(module, args, kwargs, layer=layer):
-                rope = kwargs.get("position_embeddings", args[2] if len(args) > 2 else None)
-                if rope is None:
-                    raise RuntimeError(f"qwen2_vl vision capture: block {layer} got no position_embeddings (cos, sin)")
-                state[("rope", layer)] = rope
-
-            def on_qkv(module, args, output, layer=layer, heads=attn.num_heads, rotate=rotate):
-                record = sink()
-                if record is None:
-                    return
-                q, k, v = output.detach().reshape(output.shape[0], 3, heads, -1).unbind(1)  # [S, H, d] each
-                cos, sin = state.pop(("rope", layer))
-                q, k = rotate(q, k, cos, sin)  # the block's own RoPE, so the recomputed logits match its attention
-                record.vision_qk[layer] = {"q": per_frame(q), "k": per_frame(k), "v": per_frame(v)}
-
-            def on_output(module, args, output, layer=layer):
-                record = sink()
-                if record is not None:
-                    value = output[0] if isinstance(output, tuple) else output
-                    record.vision_hidden[layer] = per_frame(value.detach())
-
-            handles.append(block.register_forward_pre_hook(on_block, with_kwargs=True))
-            handles.append(attn.qkv.register_forward_hook(on_qkv))
-            handles.append(block.register_forward_hook(on_output))
+            handles.extend(self._block_capture(layer, state, sink))
         return handles
+
+    def _block_capture(self, layer: int, state: Callable[[], dict], sink: Callable[[], FeatureRecord | None]) -> list:
+        """The three hooks of one ViT block (see :meth:`install_vision_capture`)."""
+        block = self.visual.blocks[layer]
+        attn = block.attn
+        rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
+
+        def per_frame(x: torch.Tensor) -> list[torch.Tensor]:
+            order = state()["order"]
+            if order is not None:
+                x = x[order.to(x.device)]
+            return list(torch.split(x, state()["sizes"]))
+
+        def on_block(module, args, kwargs):
+            rope = kwargs.get("position_embeddings", args[2] if len(args) > 2 else None)
+            if rope is None:
+                raise RuntimeError(f"qwen2_vl vision capture: block {layer} got no position_embeddings (cos, sin)")
+            state()[("rope", layer)] = rope
+
+        def on_qkv(module, args, output):
+            record = sink()
+            if record is None:
+                return
+            q, k, v = output.detach().reshape(output.shape[0], 3, attn.num_heads, -1).unbind(1)  # [S, H, d] each
+            cos, sin = state().pop(("rope", layer))
+            q, k = rotate(q, k, cos, sin)  # the block's own RoPE, so the recomputed logits match its attention
+            record.vision_qk[layer] = {"q": per_frame(q), "k": per_frame(k), "v": per_frame(v)}
+
+        def on_output(module, args, output):
+            record = sink()
+            if record is not None:
+                value = output[0] if isinstance(output, tuple) else output
+                record.vision_hidden[layer] = per_frame(value.detach())
+
+        return [
+            block.register_forward_pre_hook(on_block, with_kwargs=True),
+            attn.qkv.register_forward_hook(on_qkv),
+            block.register_forward_hook(on_output),
+        ]
 
     def image_tokens(self, record: FeatureRecord) -> list[ImageTokens]:
         grid_thw = record.call_kwargs["image_grid_thw"]
