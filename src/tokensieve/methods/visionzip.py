@@ -12,6 +12,7 @@ import torch
 from ..budget import split_budget
 from ..context import ImageContext, Selection
 from ..ops import attention_rows, topk_indices
+from ._layers import normalize_layer
 from .base import Method, MethodError, register
 
 # ----- shared helpers of the vision-stage methods ---------------------------------------------------------------
@@ -89,10 +90,7 @@ def scoring_layer(layer: int | None, ctx: ImageContext) -> int:
 
 def feature_layer(layer: int, n_layers: int) -> int:
     """A non-negative vision layer index from LLaVA's ``vision_feature_layer`` convention (-2: second to last)."""
-    index = layer if layer >= 0 else n_layers + layer
-    if not 0 <= index < n_layers:
-        raise MethodError(f"vision layer {layer} is outside the tower's {n_layers} layers")
-    return index
+    return normalize_layer(layer, n_layers, name="vision layer")
 
 
 # ----- VisionZip ------------------------------------------------------------------------------------------------
