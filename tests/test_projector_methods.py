@@ -9,10 +9,11 @@ from conftest import build, make_inputs
 
 import tokensieve
 from tokensieve.budget import split_budget
+from tokensieve.methods._text import keyword_embeddings, text_span_mask
 from tokensieve.methods.base import MethodError, list_methods, make_method
 from tokensieve.methods.catp import CATP, stage_one_count
 from tokensieve.methods.idpruner import IDPruner
-from tokensieve.methods.mmtok import MMTok, keyword_embeddings, text_span_mask
+from tokensieve.methods.mmtok import MMTok
 from tokensieve.methods.todre import ToDRE, greedy_max_sum
 from tokensieve.testing import image_context
 
