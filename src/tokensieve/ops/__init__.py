@@ -2,6 +2,7 @@
 statistics."""
 
 from tokensieve.ops.attention import attention_rows, head_mean
+from tokensieve.ops.diversity import greedy_sum_fusion
 from tokensieve.ops.selection import (
     cosine_distance_matrix,
     cosine_similarity_matrix,
@@ -23,6 +24,7 @@ __all__ = [
     "entropy",
     "facility_location",
     "greedy_max_min",
+    "greedy_sum_fusion",
     "head_mean",
     "matrix_entropy_per_token",
     "max_coverage",
