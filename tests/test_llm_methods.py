@@ -329,3 +329,43 @@ def test_transprune_keeps_the_token_that_transforms_most():
     method = TransPrune(layers=(2,), ratios=(0.125,), accumulate_from=0)
     assert method.capture_layers(2, 4) == [0, 1]
     assert method.select(ctx, 1).tolist() == [3]
+
+
+# ----- shared layer and budget rules -----------------------------------------------------------------------------
+def test_layer_defaults_scale_with_depth_and_keep_the_paper_layers_at_32():
+    from tokensieve.methods._layers import normalize_layer, scale_layer
+    from tokensieve.methods.fastv import FastV
+
+    assert [scale_layer(k, 32) for k in (2, 8, 16, 24)] == [2, 8, 16, 24]
+    assert [scale_layer(k, 16) for k in (2, 8, 15)] == [1, 4, 8]  # max(1, round(K * 16 / 32)): 7.5 -> 8
+    assert [scale_layer(2, n) for n in (4, 40, 64)] == [1, 2, 4]
+    for cls in (FastV, DART, EntropyPrune):
+        assert cls().llm_layers(32) == [2] and cls().llm_layers(64) == [4] and cls().llm_layers(4) == [1]
+        assert cls(layer=3).llm_layers(4) == [3] and cls(layer=-1).llm_layers(4) == [3]
+    assert normalize_layer(-2, 24) == 22
+    with pytest.raises(ValueError, match=r"outside the model's 4 layers; pass layer in \[0, 3\]"):
+        normalize_layer(4, 4)
+    with pytest.raises(ValueError, match="must be an int"):
+        normalize_layer(None, 4)
+    assert PDrop().llm_layers(16) == [4, 8, 12] and TransPrune().llm_layers(64) == [14, 18, 24]
+
+
+def test_budget_rounding_conventions():
+    from tokensieve.budget import resolve_keep, round_count
+
+    assert resolve_keep(0.1, 256) == 25 and resolve_keep(0.1, 256, rounding="round") == 26
+    assert round_count(0.5, 53) == 26 and round_count(0.5, 51) == 26  # Python's half-to-even round
+    with pytest.raises(ValueError, match="rounding"):
+        resolve_keep(0.5, 10, rounding="ceil")
+    assert TransPrune().stage_counts(100, 32) == [87, 62, 12]  # official int(n * r), not int(r * int(k n) / .125)
+    assert PDrop(keep=0.3).schedule(115, 32) == [34, 17, 8]  # int(115 * 0.3 * 0.5**s)
+
+
+def test_random_stage_is_per_instance_and_never_written():
+    from tokensieve.methods.random import Random
+
+    pre, deep = Random(), Random(layer=2)
+    assert (pre.stage, deep.stage, Random.stage) == ("projector", "llm", "projector")
+    assert (pre.position_policy, deep.position_policy) == ("reindex", "original")
+    assert "stage" not in vars(deep) and "stage" not in vars(pre)
+    assert deep.llm_layers(4) == [2] and Random(layer=-1).llm_layers(4) == [3] and pre.llm_layers(4) == []

@@ -407,6 +407,18 @@ def _numba_coverage():
     return _coverage_numba
 
 
+def _check_finite(items: Tensor, bonus: Tensor | None) -> None:
+    """Both coverage backends refuse non-finite input with the same error: a NaN/inf gain has no greedy order
+    (the compiled kernel would repeat index 0, the torch loop return arbitrary distinct indices)."""
+    bad = ~torch.isfinite(items)
+    if bool(bad.any()) or (bonus is not None and not bool(torch.isfinite(bonus).all())):
+        where = torch.nonzero(bad.any(dim=0)).flatten()[:8].tolist() if bool(bad.any()) else "the bonus"
+        raise ValueError(
+            f"coverage greedy: the coverage matrix has NaN or inf entries (candidate columns {where}); some "
+            f"feature rows are not finite. Check the model's visual features (dtype overflow, NaN pixels)."
+        )
+
+
 def _greedy_coverage(items: Tensor, k: int, bonus: Tensor | None, candidates: Tensor | None = None) -> Tensor:
     """Greedy maximisation of ``sum_r max_{j in S} items[r, j] + sum_{j in S} bonus[j]``.
 
@@ -430,6 +442,7 @@ def _greedy_coverage(items: Tensor, k: int, bonus: Tensor | None, candidates: Te
     device = items.device
     if k == 0:
         return torch.empty(0, dtype=torch.long, device=device)
+    _check_finite(items, bonus)
     kernel = _numba_coverage() if device.type == "cpu" else None
     if kernel is not None:
         picks = kernel.run(
