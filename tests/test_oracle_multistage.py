@@ -89,7 +89,8 @@ def _stage_context(n_tokens: int, cand: torch.Tensor, layer: int, seed: int, hea
     valid = torch.ones(length, dtype=torch.bool)
     text_cols = cols[torch.isin(cols, image_cols, invert=True)]
     ctx = LLMContext(
-        sample=0, image=0, layer=layer, n_layers=8, n_tokens=n_tokens, token_index=cand, hidden=hidden[2 : 2 + len(cand)],
+        sample=0, image=0, layer=layer, n_layers=8, n_tokens=n_tokens, token_index=cand,
+        hidden=hidden[2 : 2 + len(cand)],
         text_hidden=hidden[torch.isin(cols, image_cols, invert=True)], image_cols=image_cols, text_cols=text_cols,
         text_after_image=text_cols >= 2 + n_tokens, last_col=full - 1,
         layers={0: LayerCapture(cols=torch.arange(full), valid=torch.ones(full, dtype=torch.bool), hidden=embeds),
