@@ -194,3 +194,44 @@ def test_hiprune_matches_the_official_code_with_anchors_on_grid_borders(keep):
     expected = hiprune_oracle(attn[0], attn[1], k, 1.0, side)
     assert 5 in expected and 6 in expected  # anchor 5 (row 0, last col) buffers 6, the next row's first
     assert sorted(method.select(ctx, k).tolist()) == expected
+
+
+# ----- ZOO-Prune (LLaVA-1.5) ----------------------------------------------------------------------------------------
+def zoo_oracle(x, project, z, generator, m: int, h: float, k: int) -> list[int]:
+    """``AIM-SKKU/ZOO-Prune`` ``LLaVA/llava/model/llava_arch.py``: one bank of ``m`` unit Gaussian directions
+    shared by all tokens, central differences through the projector, mean over directions of the L2 norm, then
+    ``select_tokens_sads`` on the projected features (float32 here, as our default; the official casts to fp16)."""
+    n, d = x.shape
+    u = torch.randn(m, d, generator=generator)
+    u = u / (u.norm(dim=-1, keepdim=True) + 1e-12)
+    u_expanded = u.unsqueeze(1).expand(-1, n, -1)
+    plus = project((x.unsqueeze(0) + h * u_expanded).reshape(m * n, d)).view(m, n, -1)
+    minus = project((x.unsqueeze(0) - h * u_expanded).reshape(m * n, d)).view(m, n, -1)
+    importance = ((plus - minus).norm(dim=-1) / (2 * h)).mean(dim=0)
+    dist = 1.0 - F.cosine_similarity(z.unsqueeze(1), z.unsqueeze(0), dim=-1)
+    if importance.max() > importance.min():
+        weight = (importance - importance.min()) / (importance.max() - importance.min() + 1e-8)
+    else:
+        weight = torch.ones_like(importance)
+    selected = torch.empty(k, dtype=torch.long)
+    for i in range(k):
+        scores = weight if i == 0 else dist[selected[:i]].min(dim=0).values * weight
+        mask = torch.ones(n, dtype=torch.bool)
+        mask[selected[:i]] = False
+        selected[i] = torch.argmax(scores.masked_fill(~mask, float("-inf")))
+    return sorted(selected.tolist())
+
+
+@pytest.mark.parametrize("keep", [9, 0.2223])
+def test_zoo_matches_the_official_code_on_a_llava_projector(keep):
+    torch.manual_seed(0)
+    projector = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.GELU(), torch.nn.Linear(32, 16)).eval()
+    x = torch.randn(40, 12)
+    with torch.no_grad():
+        z = projector(x)
+        ctx = image_context(z, pre_features=x, project=projector, projector_module=projector, family="llava")
+        method = make_method("zoo", keep=keep, m=16)
+        k = method.budget(40)
+        assert k == (keep if isinstance(keep, int) else int(keep * 40))
+        expected = zoo_oracle(x, projector, z, ctx.generator(0), 16, 0.01, k)
+        assert sorted(method.select(ctx, k).tolist()) == expected

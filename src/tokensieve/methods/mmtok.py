@@ -118,7 +118,10 @@ class MMTok(Method):
     needs = frozenset({"features", "pre_features", "text"})
     paper = "MMTok: Multimodal Coverage Maximization for Efficient Inference of VLMs"
     arxiv = "2508.18264"
-    fidelity = "faithful with a tokenizer; without one, raw prompt-token embeddings stand in for the keywords"
+    fidelity = (
+        "faithful with a tokenizer (official LLaVA / Qwen settings); without one, raw prompt-token embeddings stand "
+        "in for the keywords; the official LLaVA-1.5 pad-to-square exclusion is exclude_padding=True"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -70,6 +70,7 @@ class Pool(Method):
     name = "pool"
     stage = "projector"
     needs = frozenset({"features"})
+    fidelity = "our baseline, no official code: average pooling into exactly k grid cells"
     paper = "Spatial average pooling baseline (downsample), e.g. as studied in arXiv 2412.01818"
     arxiv = ""
 

@@ -46,6 +46,7 @@ class Random(Method):
     stage = _ByLayer("projector", "llm")  # type: ignore[assignment]  # per instance, never written
     default_positions = _ByLayer("reindex", "original")  # type: ignore[assignment]
     needs = frozenset()
+    fidelity = "seeded uniform draw: the rule of LightCompress random.py, not its (unseeded) picks"
     paper = "Random visual-token pruning (baseline; Information Horizon, arXiv 2512.07580)"
     arxiv = "2512.07580"
 
