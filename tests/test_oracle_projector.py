@@ -235,3 +235,24 @@ def test_zoo_matches_the_official_code_on_a_llava_projector(keep):
         assert k == (keep if isinstance(keep, int) else int(keep * 40))
         expected = zoo_oracle(x, projector, z, ctx.generator(0), 16, 0.01, k)
         assert sorted(method.select(ctx, k).tolist()) == expected
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_divprune_matches_the_official_code_for_several_images_in_a_padded_batch(family):
+    """Two prompts of two images each, left-padded: every image's kept set is the oracle's on its own tokens."""
+    from conftest import make_inputs
+
+    model, _ = build(family, "eager")
+    inputs = make_inputs(family, "left", images_per_prompt=2, batch=2)
+    with torch.no_grad():
+        embeds = model(**inputs, output_hidden_states=True).hidden_states[0]
+    with tokensieve.sieve(model, "divprune", keep=0.35) as s, torch.no_grad():
+        model(**inputs)
+    for b in range(2):
+        positions = torch.nonzero(inputs["input_ids"][b] == model.config.image_token_id).flatten()
+        start = 0
+        for i in range(2):
+            n = s.trace.images[(b, i)]["n_tokens"]
+            features = embeds[b, positions[start : start + n]].float()
+            assert s.trace.kept(b, i).tolist() == divprune_oracle(features, 0.35), (family, b, i)
+            start += n

@@ -69,7 +69,10 @@ class DART(LLMMethod):
     needs = frozenset({"hidden", "attention"})
     paper = "Stop Looking for Important Tokens in Multimodal Language Models: Duplication Matters More (DART)"
     arxiv = "2502.11494"
-    fidelity = "faithful (per image, padding-independent indices; see the docstring)"
+    fidelity = (
+        "faithful (per image; indices within the sample's own sequence). Key L1 norms depend on absolute RoPE "
+        "positions: a plain forward of a left-padded batch without position_ids shifts them (generate() does not)"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
