@@ -66,8 +66,8 @@ class SparseVLM(LLMMethod):
     Other budgets use the geometric schedule ``int(n * t^(s+1))`` with ``t`` solved so the layer average is
     the largest one not above ``keep`` (:func:`tokensieve.budget.stages_layer_average`); ``keep=1.0`` keeps
     everything (the official ``score.py`` picks its list by editing the code: it reads
-    ``sparse_token_list_128``). ``schedule`` (fractions of ``n`` per stage, floor) overrides both. The recycled extras are not
-    part of the schedule, as in the official code.
+    ``sparse_token_list_128``). ``schedule`` (fractions of ``n`` per stage, floor) overrides both. The
+    recycled extras are not part of the schedule, as in the official code.
 
     Positions: ``reindex`` (the official code re-packs the sequence and slices ``position_ids`` to its new
     length, i.e. contiguous positions); ``original`` keeps the kept tokens' own.
