@@ -256,3 +256,53 @@ def test_divprune_matches_the_official_code_for_several_images_in_a_padded_batch
             features = embeds[b, positions[start : start + n]].float()
             assert s.trace.kept(b, i).tolist() == divprune_oracle(features, 0.35), (family, b, i)
             start += n
+
+
+# ----- VisionZip ----------------------------------------------------------------------------------------------------
+def visionzip_oracle(attn, hidden, metric, dominant_num: int, contextual_num: int):
+    """``dvlab-research/VisionZip`` ``visionzip/clip_encoder.py`` for one image: attn [H, T, T] and hidden
+    [T, d] of layer -2 (row 0 = CLS), metric [T, d_k] its head-averaged keys. The one documented difference is
+    applied: the CLS slot goes to one more patch (``topk(dominant_num)`` patches, no CLS row). Returns the kept
+    patch offsets and the contextual tokens (pre-projector), in target order."""
+    topk_indices = attn[:, 0, 1:].sum(dim=0).topk(dominant_num).indices + 1
+    mask = torch.ones(hidden.shape[0], dtype=torch.bool)
+    mask[0] = False  # the CLS row is not a patch
+    mask[topk_indices] = False
+    rest = torch.nonzero(mask).flatten()
+    metric_normalized = metric[rest] / metric[rest].norm(dim=-1, keepdim=True)
+    step = max(1, metric_normalized.shape[0] // contextual_num)
+    target_indices = torch.arange(0, metric_normalized.shape[0], step)[:contextual_num]
+    others = ~torch.isin(torch.arange(metric_normalized.shape[0]), target_indices)
+    similarity = metric_normalized[others] @ metric_normalized[target_indices].T
+    assign_one_hot = torch.zeros(int(others.sum()), contextual_num)
+    assign_one_hot.scatter_(1, similarity.argmax(dim=1).unsqueeze(-1), 1)
+    counts = assign_one_hot.sum(dim=0).clamp(min=1).unsqueeze(-1)
+    aggregated = assign_one_hot.T @ hidden[rest][others] / counts
+    contextual = hidden[rest][target_indices] + aggregated
+    kept = sorted((topk_indices - 1).tolist() + (rest[target_indices] - 1).tolist())
+    return kept, contextual
+
+
+@pytest.mark.parametrize("keep", [16, 0.5])
+def test_visionzip_matches_the_official_code(keep):
+    side, heads, d = 6, 2, 8
+    tokens = side * side + 1
+    gen = torch.Generator().manual_seed(4)
+    q, k = torch.randn(heads, tokens, d, generator=gen), torch.randn(heads, tokens, d, generator=gen)
+    hidden = torch.randn(tokens, 12, generator=gen)
+    vision = VisionSignals(has_cls=True, n_layers=3, feature_layer=1)
+    vision.queries, vision.keys, vision.hidden = {1: [q]}, {1: [k]}, {1: [hidden]}
+    idx = torch.arange(side * side)
+    ctx = image_context(
+        hidden[1:], grid_rc=torch.stack([idx // side, idx % side], 1), grid_hw=(side, side), vision=vision,
+        vision_patch_index=idx + 1, family="llava", project=lambda x: 2.0 * x,
+    )  # fmt: skip
+    method = make_method("visionzip", keep=keep)
+    count = method.budget(side * side)
+    contextual_num = round(count * 5 / 32)
+    attn = torch.softmax(q @ k.transpose(1, 2) / d**0.5, dim=-1)
+    kept, contextual = visionzip_oracle(attn, hidden, k.mean(0), count - contextual_num, contextual_num)
+    got = method.select(ctx, count)
+    assert sorted(got.keep.tolist()) == kept
+    order = torch.argsort(got.replace_at)
+    assert torch.allclose(got.replace_with[order], 2.0 * contextual, atol=1e-5)
