@@ -208,7 +208,7 @@ def _context(
     **capture,
 ) -> LLMContext:
     """One sample: a text token at column 0, the image at columns 1..N_IMG, 4 instruction tokens after it.
-    Every layer below ``layer`` gets the same capture."""
+    Every layer up to ``layer`` gets the same capture (``layer`` itself: the own q/k of ``own_qk`` methods)."""
     length = 1 + N_IMG + 4
     cols = torch.arange(length)
     gen = torch.Generator().manual_seed(0)
@@ -230,7 +230,7 @@ def _context(
         text_cols=text_cols,
         text_after_image=text_cols > image_cols.max(),
         last_col=length - 1,
-        layers={j: cap for j in range(layer)},
+        layers={j: cap for j in range(layer + 1)},
     )
 
 
