@@ -66,6 +66,8 @@ def _expected_counts(method, n_tokens: int, n_layers: int, n_instruction: int) -
         if isinstance(method, DART) and not method.exact_budget:
             pivots = min(method.pivot_image_tokens, k) + min(method.pivot_text_tokens, n_instruction)
             k = min(n_tokens, min(method.pivot_image_tokens, k) + pivots * (k // pivots))
+        if isinstance(method, SparseVLM):
+            k = method.kept_count(counts[layer - 1], k)
         k = min(k, counts[layer - 1])
         for j in range(layer, n_layers):
             counts[j] = k
@@ -101,7 +103,8 @@ def test_schedule_determinism_kv_cache_and_generate(family, name):
     if name == "pdrop" and family == "llava":
         assert counts[0] == [16, 8, 4, 2]
     if name == "sparsevlm" and family == "llava":
-        assert counts[0] == [16, 8, 5, 3]  # 192/576 schedule [300, 200, 110] scaled to 16 tokens
+        # 192/576 schedule [300, 200, 110] scaled to 16 tokens = [8, 5, 3], plus one recycled cluster a stage
+        assert counts[0] == [16, 9, 6, 4]
     if name == "transprune" and family == "llava":
         assert counts[0] == [16, 14, 10, 2]  # [0.875, 0.625, 0.125] of 16
 
@@ -155,7 +158,8 @@ def test_find_entropy_collapse_layer_removes_its_hooks():
 def test_paper_schedules_at_32_layers():
     assert PDrop().llm_layers(32) == [8, 16, 24]
     assert PDrop(keep=0.5).schedule(576, 32) == [288, 144, 72]
-    assert SparseVLM().llm_layers(32) == [2, 6, 15]
+    assert SparseVLM().llm_layers(32) == [3, 7, 16]  # prunes the output of the official pruning_loc [2, 6, 15]
+    assert [SparseVLM().capture_layers(layer, 32) for layer in (3, 7, 16)] == [[0, 2], [0, 6], [0, 15]]
     assert SparseVLM(keep=0.3334).stage_counts(576, 32) == [300, 200, 110]
     assert SparseVLM(keep=128).stage_counts(576, 32) == [303, 110, 36]
     assert SparseVLM(keep=0.1112).stage_counts(576, 32) == [66, 30, 17]
@@ -204,7 +208,7 @@ def _context(
     **capture,
 ) -> LLMContext:
     """One sample: a text token at column 0, the image at columns 1..N_IMG, 4 instruction tokens after it.
-    Every layer below ``layer`` gets the same capture."""
+    Every layer up to ``layer`` gets the same capture (``layer`` itself: the own q/k of ``own_qk`` methods)."""
     length = 1 + N_IMG + 4
     cols = torch.arange(length)
     gen = torch.Generator().manual_seed(0)
@@ -226,7 +230,7 @@ def _context(
         text_cols=text_cols,
         text_after_image=text_cols > image_cols.max(),
         last_col=length - 1,
-        layers={j: cap for j in range(layer)},
+        layers={j: cap for j in range(layer + 1)},
     )
 
 
@@ -246,31 +250,33 @@ def test_pdrop_keeps_the_token_the_last_token_attends_to():
     assert chosen.tolist() == [5]
 
 
-def test_sparsevlm_keeps_the_attended_token_and_recycles_within_budget():
+def test_sparsevlm_keeps_the_attended_token_and_recycles_on_top_of_the_budget():
     q, k = _one_token_gets_all_attention(target=2)
     method = SparseVLM()
-    assert method.select(_context(q, k), 1).keep.tolist() == [2]  # no room for recycling
     result = method.select(_context(q, k), 4)
     assert isinstance(result, Selection)
     keep = result.keep.tolist()
-    assert 2 in keep and len(set(keep)) == 4  # pruned + recycled == budget
+    # 4 by relation, then of the 4 deleted a pool of int(0.3 * 4) + 1 = 2 makes int(2 / 10) + 1 = 1 cluster
+    assert 2 in keep and len(set(keep)) == 5 == method.kept_count(N_IMG, 4)
     assert set(result.replace_at.tolist()) <= set(keep)
-    assert result.replace_with.shape == (result.replace_at.numel(), WIDTH)
-    assert SparseVLM(recycle=False).select(_context(q, k), 4).replace_at is None
+    assert result.replace_with.shape == (1, WIDTH)
+    assert SparseVLM(recycle=False).select(_context(q, k), 4).tolist() == keep[:4]
+    within = SparseVLM(recycle_within_budget=True).select(_context(q, k), 4)
+    assert len(set(within.keep.tolist())) == 4 and 2 in within.keep.tolist()
 
 
 def test_sparsevlm_merged_slot_is_the_mean_of_its_cluster():
     q, k = _one_token_gets_all_attention(target=0)
     ctx = _context(q, k)
     method = SparseVLM(recycle_ratio=1.0)
-    r, pool = method.recycled_slots(N_IMG, 3)
-    assert (r, pool) == (1, 6)  # 1 merged slot from all 6 deleted tokens
     result = method.select(ctx, 3)
     relation = method.relation(ctx)
-    order = torch.sort(relation, descending=True, stable=True).indices
-    deleted = order[2:]
-    assert result.replace_at.tolist() == [int(deleted[0])]
-    assert torch.allclose(result.replace_with[0], ctx.hidden[deleted].mean(0), atol=1e-6)
+    top = torch.topk(relation, 3).indices
+    deleted = torch.tensor([i for i in range(N_IMG) if i not in top.tolist()])
+    pool = deleted[torch.topk(relation[deleted], min(5, int(1.0 * 5) + 1)).indices]  # all 5 deleted
+    assert set(result.keep[:3].tolist()) == set(top.tolist())
+    assert result.replace_at.tolist() == [int(pool[0])]  # one cluster: int(5 / 10) + 1
+    assert torch.allclose(result.replace_with[0], ctx.hidden[pool].mean(0), atol=1e-6)
 
 
 def test_dart_does_not_select_duplicates_of_a_pivot():
@@ -323,3 +329,43 @@ def test_transprune_keeps_the_token_that_transforms_most():
     method = TransPrune(layers=(2,), ratios=(0.125,), accumulate_from=0)
     assert method.capture_layers(2, 4) == [0, 1]
     assert method.select(ctx, 1).tolist() == [3]
+
+
+# ----- shared layer and budget rules -----------------------------------------------------------------------------
+def test_layer_defaults_scale_with_depth_and_keep_the_paper_layers_at_32():
+    from tokensieve.methods._layers import normalize_layer, scale_layer
+    from tokensieve.methods.fastv import FastV
+
+    assert [scale_layer(k, 32) for k in (2, 8, 16, 24)] == [2, 8, 16, 24]
+    assert [scale_layer(k, 16) for k in (2, 8, 15)] == [1, 4, 8]  # max(1, round(K * 16 / 32)): 7.5 -> 8
+    assert [scale_layer(2, n) for n in (4, 40, 64)] == [1, 2, 4]
+    for cls in (FastV, DART, EntropyPrune):
+        assert cls().llm_layers(32) == [2] and cls().llm_layers(64) == [4] and cls().llm_layers(4) == [1]
+        assert cls(layer=3).llm_layers(4) == [3] and cls(layer=-1).llm_layers(4) == [3]
+    assert normalize_layer(-2, 24) == 22
+    with pytest.raises(ValueError, match=r"outside the model's 4 layers; pass layer in \[0, 3\]"):
+        normalize_layer(4, 4)
+    with pytest.raises(ValueError, match="must be an int"):
+        normalize_layer(None, 4)
+    assert PDrop().llm_layers(16) == [4, 8, 12] and TransPrune().llm_layers(64) == [14, 18, 24]
+
+
+def test_budget_rounding_conventions():
+    from tokensieve.budget import resolve_keep, round_count
+
+    assert resolve_keep(0.1, 256) == 25 and resolve_keep(0.1, 256, rounding="round") == 26
+    assert round_count(0.5, 53) == 26 and round_count(0.5, 51) == 26  # Python's half-to-even round
+    with pytest.raises(ValueError, match="rounding"):
+        resolve_keep(0.5, 10, rounding="ceil")
+    assert TransPrune().stage_counts(100, 32) == [87, 62, 12]  # official int(n * r), not int(r * int(k n) / .125)
+    assert PDrop(keep=0.3).schedule(115, 32) == [34, 17, 8]  # int(115 * 0.3 * 0.5**s)
+
+
+def test_random_stage_is_per_instance_and_never_written():
+    from tokensieve.methods.random import Random
+
+    pre, deep = Random(), Random(layer=2)
+    assert (pre.stage, deep.stage, Random.stage) == ("projector", "llm", "projector")
+    assert (pre.position_policy, deep.position_policy) == ("reindex", "original")
+    assert "stage" not in vars(deep) and "stage" not in vars(pre)
+    assert deep.llm_layers(4) == [2] and Random(layer=-1).llm_layers(4) == [3] and pre.llm_layers(4) == []

@@ -492,3 +492,18 @@ def test_farthest_neighbour_general_matrix():
     assert greedy_max_min(None, 5, distances=dist).tolist() == ref_max_min(dist, 5)
     before.fill_diagonal_(0.0)
     assert torch.equal(dist, before)  # the caller's matrix is left as it was
+
+
+@pytest.mark.parametrize("kind", ["nan", "inf"])
+def test_coverage_rejects_non_finite_rows_the_same_way_on_both_backends(backend, kind):
+    torch.manual_seed(0)
+    C = torch.rand(12, 9)
+    C[:, 4] = float(kind)  # one feature row gone bad: its column of the coverage matrix
+    with pytest.raises(ValueError, match="NaN or inf .*columns \\[4\\]"):
+        max_coverage(C, 5)
+    sim = torch.rand(9, 9)
+    sim[2, 5] = float(kind)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        facility_location(sim, 3)
+    with pytest.raises(ValueError, match="NaN or inf .*bonus"):
+        facility_location(torch.rand(9, 9), 3, modular=torch.full((9,), float(kind)), lam=0.5)

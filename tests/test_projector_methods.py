@@ -9,12 +9,13 @@ from conftest import build, make_inputs
 
 import tokensieve
 from tokensieve.budget import split_budget
+from tokensieve.methods._text import keyword_embeddings, text_span_mask
 from tokensieve.methods.base import MethodError, list_methods, make_method
 from tokensieve.methods.catp import CATP, stage_one_count
 from tokensieve.methods.idpruner import IDPruner
-from tokensieve.methods.mmtok import MMTok, keyword_embeddings, text_span_mask
+from tokensieve.methods.mmtok import MMTok
 from tokensieve.methods.todre import ToDRE, greedy_max_sum
-from tokensieve.testing import image_context
+from tokensieve.testing import image_context, random_image
 
 # (method, hyperparameters, newline tokens kept on top of the budget on LLaVA-NeXT). The default of each method
 # runs on every family; the variants run on LLaVA-NeXT (crops and newline tokens) to keep the file fast.
@@ -240,3 +241,25 @@ def test_methods_are_registered():
     assert {"idpruner", "mmtok", "todre", "catp"} <= set(list_methods())
     for name in ("idpruner", "mmtok", "todre", "catp"):
         assert make_method(name).stage == "projector"
+
+
+@pytest.mark.parametrize(("keep", "expected"), [(8, 12), (14, 16), (4, 8), (1, 5)])
+def test_pool_fills_its_budget_on_unpadded_next_tiles(keep, expected):
+    """A 40x60 image on the tiny LLaVA-NeXT has 16 tokens, 4 of them newlines, in tiles cut by unpadding:
+    the pooled cells cover the present tokens, so ``keep`` cells plus the newlines are kept (all 16 when
+    ``keep`` reaches the 12 pooled tokens)."""
+    model, proc = build("llava_next")
+    inputs = proc(images=[random_image(1, (40, 60))], text=["USER: <image> what ? ASSISTANT:"], return_tensors="pt")
+    with tokensieve.sieve(model, "pool", keep=keep) as s, torch.no_grad():
+        model(**inputs)
+    assert s.trace.images[(0, 0)]["n_tokens"] == 16
+    assert s.trace.kept(0, 0).numel() == expected
+
+
+def test_pool_member_cells_are_exact_on_ragged_sets():
+    from tokensieve.methods.pool import member_cells
+
+    rc = torch.tensor([[r, c] for r in range(3) for c in range(5)][:-2])  # a rectangle missing two cells
+    for k in range(1, rc.shape[0] + 1):
+        cells = member_cells(rc, k)
+        assert sorted(torch.unique(cells).tolist()) == list(range(k))

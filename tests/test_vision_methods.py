@@ -13,10 +13,10 @@ from tokensieve.adapters import UnsupportedModelError
 from tokensieve.budget import split_budget
 from tokensieve.context import ImageContext, Selection, VisionSignals
 from tokensieve.methods import make_method
+from tokensieve.methods._vision import crops_of
 from tokensieve.methods.base import Method
 from tokensieve.methods.flowcut import adaptive_prune_count
 from tokensieve.methods.hiprune import grid_neighbours
-from tokensieve.methods.visionzip import crops_of
 from tokensieve.testing import (
     image_context,
     qwen_image_prompt,
@@ -200,7 +200,7 @@ def test_visionzip_hand_made():
     assert torch.allclose(out.replace_with[0], expected, atol=1e-6)
 
 
-def test_hiprune_buffers_are_grid_neighbours():
+def test_hiprune_buffers_official_flat_and_grid_option():
     side, heads, d = 4, 2, 4
     tokens = side * side + 1
     # object layer 0 (round(0.375 * 3) = 1, 1-based): global attention peaks at patch 7 = (1, 3), row 8.
@@ -208,11 +208,14 @@ def test_hiprune_buffers_are_grid_neighbours():
     # deep layer 1 (-2 of 3): peaks at patch 0, so the one register is patch 0 and never the wrapped patch 8.
     q1, k1 = _peaked_keys(heads, tokens, d, 1)
     ctx = _context([[q0], [q1]], [[k0], [k1]], side, layers=(0, 1))
-    method = make_method("hiprune", alpha=1.0)  # round(5 * 1 / 5) = 1 anchor
+    method = make_method("hiprune", alpha=1.0, buffers="grid")  # round(5 * 1 / 5) = 1 anchor
     # CLIP reads layers 0 (object) and 1 (deep, -2); the plan also captures the Qwen defaults (2: last block)
     assert method.vision_layers(3) == [0, 1, 2]
     keep = sorted(method.select(ctx, 5).tolist())
     assert keep == [0, 3, 6, 7, 11]  # anchor 7, neighbours (0,3) (2,3) (1,2); (1,4) does not wrap to 8
+    # the official flat rule: 7 +- 1 and 7 +- 4 on the flattened grid, so 8 (the next row's first) is a buffer
+    official = sorted(make_method("hiprune", alpha=1.0).select(ctx, 5).tolist())
+    assert official == [3, 6, 7, 8, 11]
     rc = torch.tensor([[0, 0], [0, 1], [1, 0], [1, 1]])
     assert grid_neighbours(rc, torch.tensor([0])).tolist() == [1, 2]
 

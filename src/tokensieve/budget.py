@@ -1,8 +1,14 @@
 """One budget vocabulary for every method.
 
 ``keep`` is either a token count per image (``int``, e.g. ``64``) or a fraction of that image's visual tokens
-(``float`` in ``(0, 1]``, e.g. ``0.111``). The one rounding rule is ``int(ratio * n)`` (as in the ZOO-Prune and
-DivPrune code: 0.1112 * 576 = 64), never less than one token.
+(``float`` in ``(0, 1]``, e.g. ``0.111``). A ratio becomes a count by one of the official codes' conventions,
+each written once here (:data:`ROUNDINGS`) and named by the method that uses it:
+
+- ``"floor"``: ``int(ratio * n)`` (ZOO-Prune, PDrop, TransPrune, ...; 0.1112 * 576 = 64). The default.
+- ``"round"``: ``int(round(ratio * n))`` with Python's ``round`` (half to even), as DivPrune's code computes
+  its ``threshold_terms`` (0.1 * 256 = 25.6 -> 26; 0.5 * 53 = 26.5 -> 26).
+
+Either way a ratio never gives less than one token.
 """
 
 from __future__ import annotations
@@ -38,13 +44,29 @@ def validate_keep(keep: object, name: str = "keep") -> Keep:
     return float(keep)
 
 
-def resolve_keep(keep: Keep, n_tokens: int, *, strict: bool = True) -> int:
+def floor_count(ratio: float, n_tokens: int) -> int:
+    """``int(ratio * n)``: the truncation of most official codes."""
+    return int(ratio * n_tokens)
+
+
+def round_count(ratio: float, n_tokens: int) -> int:
+    """``int(round(ratio * n))`` with Python's half-to-even ``round`` (DivPrune's ``threshold_terms``)."""
+    return int(round(ratio * n_tokens))
+
+
+ROUNDINGS = {"floor": floor_count, "round": round_count}
+
+
+def resolve_keep(keep: Keep, n_tokens: int, *, strict: bool = True, rounding: str = "floor") -> int:
     """Turn ``keep`` into a count for one image of ``n_tokens`` visual tokens.
 
     A count larger than ``n_tokens`` raises when ``strict`` (the user asked for more tokens than the image has);
-    otherwise it is clipped, which is what later stages of a multi-stage pipeline want.
+    otherwise it is clipped, which is what later stages of a multi-stage pipeline want. ``rounding`` names the
+    convention a ratio is turned into a count with (:data:`ROUNDINGS`).
     """
     keep = validate_keep(keep)
+    if rounding not in ROUNDINGS:
+        raise BudgetError(f"rounding={rounding!r}: choose one of {sorted(ROUNDINGS)}")
     if n_tokens <= 0:
         return 0
     if isinstance(keep, int):
@@ -54,7 +76,7 @@ def resolve_keep(keep: Keep, n_tokens: int, *, strict: bool = True) -> int:
                 f"or a fraction such as keep={min(1.0, round(keep / n_tokens, 3)) if keep else 0.5}."
             )
         return min(keep, n_tokens)
-    return max(1, min(n_tokens, int(keep * n_tokens)))
+    return max(1, min(n_tokens, ROUNDINGS[rounding](keep, n_tokens)))
 
 
 def layer_average_to_stage_count(average: float, n_tokens: int, n_layers: int, prune_layer: int) -> int:

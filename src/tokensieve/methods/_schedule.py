@@ -5,14 +5,16 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from ..budget import stages_layer_average
+from ._layers import PAPER_DEPTH, scale_layer
 from .base import MethodError
 
-PAPER_DEPTH = 32  # LLaVA-1.5-7B / Vicuna-7B: the depth every official layer list is written for
+__all__ = ["PAPER_DEPTH", "PAPER_TOKENS", "check_layers", "fit_stages", "scale_layers", "solve_schedule"]
 PAPER_TOKENS = 576  # visual tokens of a LLaVA-1.5 image: reads an int average budget before the image is seen
 
 
 def scale_layers(fractions: Sequence[float], n_layers: int) -> list[int]:
-    """Decoder layers ``round(f * n_layers)``, made strictly increasing inside ``[1, n_layers - 1]``.
+    """Decoder layers ``max(1, round(f * 32 * n_layers / 32))`` (:func:`~tokensieve.methods._layers.scale_layer`
+    of the 32-layer layer ``f * 32``), made strictly increasing inside ``[1, n_layers - 1]``.
 
     Official schedules are written for a 32-layer LLM (PDrop ``[8, 16, 24]`` is ``(0.25, 0.5, 0.75)``); on a
     shallower model two stages may round to the same layer, so each is pushed one layer past the previous.
@@ -25,7 +27,7 @@ def scale_layers(fractions: Sequence[float], n_layers: int) -> list[int]:
     fractions = list(fractions)[: n_layers - 1]
     layers: list[int] = []
     for i, f in enumerate(fractions):
-        layer = max(1, round(f * n_layers))
+        layer = scale_layer(f * PAPER_DEPTH, n_layers)
         if layers:
             layer = max(layer, layers[-1] + 1)
         # Leave room for the stages still to come.
@@ -36,7 +38,7 @@ def scale_layers(fractions: Sequence[float], n_layers: int) -> list[int]:
 
 def check_layers(name: str, layers: Sequence[int], n_layers: int) -> list[int]:
     """Explicit stage layers (negative counts from the end), checked to be increasing and inside the model."""
-    out = [layer if layer >= 0 else n_layers + layer for layer in layers]
+    out = [layer if layer >= 0 else n_layers + layer for layer in layers]  # checked below, with the order
     if not out or any(not 1 <= layer < n_layers for layer in out) or sorted(set(out)) != out:
         raise MethodError(
             f"{name}: layers={list(layers)} must be strictly increasing decoder layers in [1, {n_layers - 1}]"
@@ -71,8 +73,6 @@ def solve_schedule(
         else:
             hi = mid
     return counts_of(lo)
-
-
 
 
 def fit_stages(values: Sequence, n_stages: int) -> list:

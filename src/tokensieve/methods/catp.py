@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from ..budget import resolve_keep
 from ..context import ImageContext
 from ..ops import cosine_similarity_matrix, facility_location
+from ._text import TEXT_SPANS, prompt_text_embeddings
 from .base import Method, MethodError, register
-from .mmtok import TEXT_SPANS, prompt_text_embeddings
 
 
 def stage_one_count(keep: int | float, n_tokens: int) -> int:

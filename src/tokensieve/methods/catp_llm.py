@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from ..budget import resolve_keep
 from ..context import LayerCapture, LLMContext
 from ..ops import topk_indices
+from ._layers import normalize_layer, scale_layer
 from .base import LLMMethod, MethodError, register
 
-PAPER_DEPTH = 32
 PAPER_K = 6  # K=6 for the 7B/8B models of the paper (K=10 for the 13B one)
 
 
@@ -111,11 +111,10 @@ class CATPLLM(LLMMethod):
     def paper_k(self, n_layers: int) -> int:
         """The paper's layer K for this depth."""
         if self.layer is not None:
-            first = self.layer if self.layer >= 0 else n_layers + self.layer
-            return first - 1
+            return normalize_layer(self.layer, n_layers, name="catp_llm: layer") - 1
         if self.k_layer is not None:
-            return self.k_layer if self.k_layer >= 0 else n_layers + self.k_layer
-        return max(1, round(PAPER_K / PAPER_DEPTH * n_layers))
+            return normalize_layer(self.k_layer, n_layers, name="catp_llm: k_layer")
+        return scale_layer(PAPER_K, n_layers)
 
     def llm_layers(self, n_layers: int) -> list[int]:
         k = self.paper_k(n_layers)

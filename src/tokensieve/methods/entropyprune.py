@@ -9,6 +9,7 @@ from torch import nn
 
 from ..context import LLMContext
 from ..ops import matrix_entropy_per_token, topk_indices
+from ._layers import llm_layer
 from .base import LLMMethod, register
 
 
@@ -17,8 +18,9 @@ from .base import LLMMethod, register
 class EntropyPrune(LLMMethod):
     """EntropyPrune (arXiv 2602.17196): matrix-entropy token scores at the "Entropy Collapse Layer".
 
-    Stage ``llm`` at ``layer`` K (default 2, the collapse layer the paper reports for LLaVA-1.5-7B; find it
-    for another model with :func:`find_entropy_collapse_layer`). Signals: the queries of layer K-1 after RoPE
+    Stage ``llm`` at ``layer`` K (default: the collapse layer K=2 the paper reports for LLaVA-1.5-7B, scaled
+    with depth as ``max(1, round(2 * n_layers / 32))``, :mod:`tokensieve.methods._layers`; find it for another
+    model with :func:`find_entropy_collapse_layer`). Signals: the queries of layer K-1 after RoPE
     ([H, L, d], captured by the framework). For each image token its query is reshaped to ``[H, d]``, centred
     across heads, and the entropy ``-sum l log l / log H`` of the eigenvalues of the dual Gram matrix
     ``R R^T / H`` is computed (:func:`tokensieve.ops.matrix_entropy_per_token`, float64 ``eigvalsh``, no trace
@@ -38,12 +40,15 @@ class EntropyPrune(LLMMethod):
     """
 
     keep: float | int = 0.25
-    layer: int = 2
+    layer: int | None = None  # None: the paper's K=2 scaled with depth
 
     name = "entropyprune"
     needs = frozenset({"hidden", "attention"})
     paper = "EntropyPrune: matrix-entropy visual token pruning at the entropy collapse layer"
     arxiv = "2602.17196"
+
+    def llm_layers(self, n_layers: int) -> list[int]:
+        return [llm_layer(self.layer, 2, n_layers, name="entropyprune: layer")]
 
     def select(self, ctx: LLMContext, k: int) -> torch.Tensor:
         cap = ctx.capture()

@@ -10,8 +10,8 @@ import torch
 from ..budget import split_budget
 from ..context import ImageContext
 from ..ops import attention_rows, topk_indices
+from ._vision import Crop, crops_of, feature_layer, require_vision
 from .base import Method, MethodError, register
-from .visionzip import Crop, crops_of, feature_layer, require_vision
 
 
 def flow_score(ctx: ImageContext, layer: int, crop: Crop, alive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,11 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..budget import split_budget
+from ..budget import resolve_keep, split_budget
 from ..context import ImageContext
 from ..ops import attention_rows, topk_indices
+from ._vision import Crop, crops_of, feature_layer, merged_received_attention, require_vision
 from .base import Method, MethodError, register
-from .visionzip import Crop, crops_of, feature_layer, merged_received_attention, require_vision
 
 
 def global_attention(ctx: ImageContext, layer: int, crop: Crop) -> torch.Tensor:
@@ -32,6 +32,19 @@ def grid_neighbours(grid_rc: torch.Tensor, anchors: torch.Tensor) -> torch.Tenso
     return torch.unique(torch.nonzero(match)[:, 1])
 
 
+def flat_neighbours(grid_rc: torch.Tensor, grid_hw: tuple[int, int], anchors: torch.Tensor) -> torch.Tensor:
+    """Local indices of the official buffers of ``anchors``: ``anchor +- 1`` and ``anchor +- W`` on the
+    flattened ``H x W`` crop grid, clamped to ``[0, H * W - 1]`` (so ``+- 1`` wraps across rows and the clamp
+    piles onto the first and last cell), kept where that cell is a present candidate."""
+    if anchors.numel() == 0:
+        return anchors
+    h, w = grid_hw
+    flat = grid_rc[:, 0] * w + grid_rc[:, 1]  # [m]
+    a = flat[anchors]
+    cells = torch.cat([a - 1, a + 1, a - w, a + w]).clamp(0, h * w - 1)
+    return torch.nonzero(torch.isin(flat, cells)).flatten()
+
+
 @register
 @dataclass
 class HiPrune(Method):
@@ -43,9 +56,13 @@ class HiPrune(Method):
 
     1. Global attention received by each patch at a layer: head mean, then mean over **all** queries
        (CLS included; this is not CLS attention).
-    2. Anchors: ``topk(global attention at the object layer, round(k * alpha / 5))``.
-    3. Buffers: the 4-neighbours of the anchors on the patch grid (``ctx.grid_rc``), present candidates only.
-       If anchors plus buffers exceed ``k`` (tiny budgets), buffers are kept in order of object-layer attention.
+    2. Anchors: ``topk(global attention at the object layer, round(k * alpha / 5))`` (``torch.topk``, Python
+       ``round`` as the official code).
+    3. Buffers (``buffers="flat"``, official): ``anchor +- 1`` and ``anchor +- W`` on the flattened crop grid,
+       clamped to ``[0, N - 1]`` (:func:`flat_neighbours`: ``+- 1`` wraps across rows, the clamp piles onto the
+       first and last token); ``buffers="grid"`` takes the true 4-neighbours on the grid instead
+       (:func:`grid_neighbours`, no wrap). Present candidates only. If anchors plus buffers exceed ``k`` (tiny
+       budgets, where the official ``topk`` would fail), buffers are kept in order of object-layer attention.
     4. Registers: the top ``k - |anchors U buffers|`` of the others by global attention at the deep layer.
     5. No merging; kept tokens in original order, ``reindex`` positions (as the official code).
 
@@ -62,20 +79,21 @@ class HiPrune(Method):
     (one frame per crop), with the per-token attention = full attention over the frame's patches recomputed from
     the captured q/k (after the vision RoPE), head mean, **query sum**, averaged over the token's 2x2 merge group,
     un-windowed. On Qwen2.5-VL's window blocks this full attention differs from the block's real windowed attention,
-    exactly as in the official FA path. Buffers are the 4-neighbours on the merged grid (official ``+-1, +-(W/2)``
-    on the flattened merged grid, where ``+-1`` wraps across rows).
+    exactly as in the official FA path. Buffers use the merged grid's width (official ``+-1, +-(W/2)``).
+
+    Budget: a count is used as given (the official LLaVA ``HIPRUNE_RETENTION``); a ratio becomes
+    ``round(ratio * n)`` (Python ``round``, the official Qwen ``round(n_image_tokens * RETAIN)``).
 
     Differences from the official code:
 
-    - The official buffers are ``anchor +- 1`` and ``anchor +- 24`` on the flattened grid, clamped to [0, 575]:
-      ``+- 1`` wraps across rows (the last patch of a row buffers the first of the next). We take true grid
-      4-neighbours with no wrap-around (both families).
-    - Official LLaVA-NeXT handling is not reproduced exactly; we run the rule per crop with an even budget split.
+    - Official LLaVA-NeXT handling is not reproduced exactly (it splits the budget over the crops before
+      unpadding); we run the rule per crop on the unpadded candidates with an even budget split.
     - Attention is recomputed from the captured q/k (float32) rather than an eager forward (same values up to
       rounding; the model runs under SDPA).
     """
 
     alpha: float = 0.1
+    buffers: str = "flat"  # "flat": official +-1 / +-W on the flattened grid; "grid": true 4-neighbours
     object_layer: int | None = None  # 1-based, as HIPRUNE_OBJECT_LAYER; None: 0.375 (CLIP) / 0.5 (Qwen) of depth
     deep_layer: int | None = None  # vision_feature_layer convention; None: -2 (CLIP) / last block (Qwen)
 
@@ -85,15 +103,16 @@ class HiPrune(Method):
     paper = "HiPrune: Training-Free Visual Token Pruning via Hierarchical Attention in Vision Encoders"
     arxiv = "2508.00553"
     fidelity = (
-        "buffers are true grid 4-neighbours (official +-1 wraps across rows); LLaVA-NeXT run per crop with an even "
-        "budget split; Qwen: full attention recomputed on window blocks (as the official FA path); otherwise as "
-        "Danielement321/HiPrune"
+        "faithful on LLaVA-1.5 and Qwen (official flat buffers; buffers='grid' is our fix); LLaVA-NeXT run per "
+        "crop on the unpadded grid with an even budget split"
     )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0.0 <= self.alpha <= 5.0:
             raise MethodError(f"hiprune: alpha={self.alpha} must lie in [0, 5]")
+        if self.buffers not in ("flat", "grid"):
+            raise MethodError(f"hiprune: buffers={self.buffers!r}: choose 'flat' (official) or 'grid'")
         if self.object_layer is not None and self.object_layer < 1:
             raise MethodError(f"hiprune: object_layer={self.object_layer} is 1-based; pass >= 1")
 
@@ -109,6 +128,9 @@ class HiPrune(Method):
             return projector_layer  # the layer the projector reads
         default = -2 if has_cls else -1
         return feature_layer(default if self.deep_layer is None else self.deep_layer, n_layers)
+
+    def budget(self, n_tokens: int, *, stage_index: int = 0, n_layers: int = 0) -> int:
+        return resolve_keep(self.keep, n_tokens, rounding="round")
 
     def vision_layers(self, n_vision_layers: int) -> list[int]:
         # the family is unknown when the capture is planned: take both families' defaults where a field is None
@@ -130,8 +152,11 @@ class HiPrune(Method):
                 continue
             shallow = attention(ctx, shallow_layer, crop)
             n_anchor = min(k_c, int(round(k_c * self.alpha / 5)))
-            anchors = topk_indices(shallow, n_anchor)
-            buffers = grid_neighbours(ctx.grid_rc[crop.cand], anchors)
+            anchors = torch.topk(shallow, n_anchor).indices
+            if self.buffers == "flat":
+                buffers = flat_neighbours(ctx.grid_rc[crop.cand], ctx.grid_hw, anchors)
+            else:
+                buffers = grid_neighbours(ctx.grid_rc[crop.cand], anchors)
             is_anchor = torch.zeros(crop.cand.numel(), dtype=torch.bool, device=shallow.device)
             is_anchor[anchors] = True
             buffers = buffers[~is_anchor[buffers]]
@@ -140,6 +165,6 @@ class HiPrune(Method):
             chosen = torch.cat([anchors, buffers])
             deep = attention(ctx, deep_layer, crop).clone()
             deep[chosen] = -torch.inf  # official: deep_attn - 1[chosen]; attention <= 1 so both exclude them
-            registers = topk_indices(deep, k_c - chosen.numel())
+            registers = torch.topk(deep, k_c - chosen.numel()).indices
             keep.append(crop.cand[torch.cat([chosen, registers])])
         return torch.cat(keep)

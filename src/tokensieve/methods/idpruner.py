@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from ..context import ImageContext
 from ..ops import minmax_normalise, mmr
+from ._text import prompt_text_embeddings
 from .base import Method, MethodError, register
-from .mmtok import prompt_text_embeddings
 from .zoo import Zoo
 
 IMPORTANCES = ("norm", "zoo", "text")

@@ -9,27 +9,25 @@ import torch
 from ..budget import Keep, layer_average_to_stage_count, resolve_keep, stages_layer_average, validate_keep
 from ..context import LLMContext
 from ..ops import greedy_max_min
+from ._layers import normalize_layer, scale_layer
 from .base import LLMMethod, Method, MethodError, make_method, register
 
-PAPER_DEPTH = 32  # LLaVA-1.5-7B: the depth the official deep layer (20) is written for
+PAPER_DEEP_LAYER = 20  # the official deep layer on LLaVA-1.5-7B (32 layers)
 PAPER_TOKENS = 576
-DEEP_FRACTION = 20 / PAPER_DEPTH
 # FLOPs-average configs of the official scripts (LLaVA-1.5, 576 tokens, 32 layers): average -> (shallow, deep).
 PAPER_CONFIGS: dict[int, tuple[int, int]] = {192: (284, 38), 64: (96, 10)}
 IN_LLM_SHALLOW = ("divprune", "random")  # shallow rules a single InfoHorizon object can run itself at layer 0
 
 
 def deep_layer_for(n_layers: int, layer: int | None = None) -> int:
-    """The deep pruning layer: ``layer`` (negative counts from the end) or ``round(20/32 * n_layers)``.
+    """The deep pruning layer: ``layer`` (negative counts from the end) or ``scale_layer(20, n_layers)``
+    (``max(1, round(20 * n_layers / 32))``, :mod:`tokensieve.methods._layers`).
 
     Clipped to ``[1, n_layers - 1]`` so the deep stage always comes after layer 0 and inside the model.
     """
     if layer is None:
-        return max(1, min(n_layers - 1, round(DEEP_FRACTION * n_layers)))
-    out = layer if layer >= 0 else n_layers + layer
-    if not 1 <= out < n_layers:
-        raise MethodError(f"infohorizon: layer={layer} must be a decoder layer in [1, {n_layers - 1}]")
-    return out
+        return min(n_layers - 1, scale_layer(PAPER_DEEP_LAYER, n_layers))
+    return normalize_layer(layer, n_layers, name="infohorizon: layer", low=1)
 
 
 @register

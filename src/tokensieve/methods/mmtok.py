@@ -1,9 +1,7 @@
-"""MMTok: multimodal coverage maximisation over text and vision tokens, plus the prompt-text helpers that the
-other text-aware projector methods (IDPruner's ``text`` importance, CATP) share."""
+"""MMTok: multimodal coverage maximisation over text and vision tokens."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,84 +11,8 @@ import torch.nn.functional as F
 from ..budget import split_budget
 from ..context import ImageContext
 from ..ops import max_coverage
+from ._text import keyword_embeddings
 from .base import Method, MethodError, register
-
-# The official keyword filter (``mmtok/core/text_processor.py``, NON_VISUAL_WORDS): words with little visual content.
-STOPWORDS = frozenset(
-    {
-        "a", "an", "the", "is", "are", "was", "were", "be", "been", "being", "have", "has", "had", "do", "does",
-        "did", "it", "they", "he", "she", "we", "you", "i", "what", "where", "when", "why", "how", "who", "which",
-        "and", "or", "but", "so", "if", "then", "question", "answer", "to", "for", "with", "by", "from", "at",
-        "into", "onto", "upon",
-    }
-)  # fmt: skip
-# Chat-template role words: the official code embeds the question alone, our context holds the whole prompt.
-TEMPLATE_WORDS = frozenset({"user", "assistant", "system", "human", "gpt"})
-# Evaluation instructions the official code strips before extracting keywords.
-INSTRUCTION_SUFFIXES = (
-    "Answer the question using a single word or phrase.",
-    "Answer with the option's letter from the given choices directly.",
-)
-_WORD = re.compile(r"\b\w+\b")
-TEXT_SPANS = ("all", "after", "paired")
-
-
-def text_span_mask(ctx: ImageContext, span: str) -> torch.Tensor:
-    """Which of ``ctx.text_ids`` belong to the text this image is paired with, BoolTensor [t].
-
-    ``span``: ``"all"`` (the whole prompt text), ``"after"`` (text after this image: the question of a
-    single-image prompt), ``"paired"`` (text between this image and the next one: a demonstration's Q/A in a
-    multi-image in-context prompt; the whole prompt for a single-image prompt). The last two need
-    ``ctx.text_segment`` ([t], index of the last image of the sample before each text token, -1 before the first
-    one), which the core does not provide yet; without it, or when the span is empty, the whole prompt text is used.
-    """
-    if span not in TEXT_SPANS:
-        raise MethodError(f"text span {span!r}: choose one of {TEXT_SPANS}")
-    assert ctx.text_ids is not None
-    everything = torch.ones(ctx.text_ids.shape[0], dtype=torch.bool, device=ctx.text_ids.device)
-    segment = getattr(ctx, "text_segment", None)
-    if span == "all" or segment is None:
-        return everything
-    if span == "paired" and int(segment.max()) < 1:
-        return everything  # a single-image prompt: its text is the whole prompt
-    mask = segment >= ctx.image if span == "after" else segment == ctx.image
-    return mask if bool(mask.any()) else everything
-
-
-def prompt_text_embeddings(ctx: ImageContext, span: str = "all") -> torch.Tensor:
-    """Input embeddings [m, D] of the prompt's text tokens in ``span`` (no filtering)."""
-    if ctx.text_embeds is None or ctx.text_ids is None:
-        raise RuntimeError("text embeddings were not captured: the method must declare 'text' in needs")
-    return ctx.text_embeds[text_span_mask(ctx, span)]
-
-
-def keyword_embeddings(
-    ctx: ImageContext, tokenizer: Any | None, span: str = "after", remove_stopwords: bool = True
-) -> torch.Tensor:
-    """Embeddings [m, D] of the question's keywords, as MMTok feeds them to the coverage (m may be 0).
-
-    With a tokenizer (faithful): decode the span without special tokens, strip the two evaluation instructions,
-    split into words, drop :data:`STOPWORDS` (if ``remove_stopwords``) and :data:`TEMPLATE_WORDS`, fall back to all
-    words when nothing is left, re-tokenise the words without BOS or special tokens and embed them with the LM's
-    input embedding table. Without one, the span's raw token embeddings are used as they are (BOS, template and
-    stopword tokens included): a documented approximation, as token ids alone cannot be read as words.
-    """
-    if tokenizer is None:
-        return prompt_text_embeddings(ctx, span)
-    assert ctx.text_ids is not None and ctx.embed_tokens is not None
-    ids = ctx.text_ids[text_span_mask(ctx, span)]
-    text = tokenizer.decode(ids.tolist(), skip_special_tokens=True)
-    for suffix in INSTRUCTION_SUFFIXES:
-        text = text.replace(suffix, "")
-    words = [w for w in _WORD.findall(text) if w.lower() not in TEMPLATE_WORDS]
-    kept = [w for w in words if w.lower() not in STOPWORDS] if remove_stopwords else words
-    kept = kept or words
-    if not kept:
-        return ctx.text_embeds[:0] if ctx.text_embeds is not None else torch.empty(0)
-    word_ids = tokenizer(kept, is_split_into_words=True, add_special_tokens=False)["input_ids"]
-    word_ids = torch.as_tensor(word_ids, dtype=torch.long, device=ctx.text_ids.device).flatten()
-    with torch.no_grad():
-        return ctx.embed_tokens(word_ids)
 
 
 def _unit_rows(x: torch.Tensor) -> torch.Tensor:
@@ -116,6 +38,29 @@ def coverage_matrix(
     return torch.cat([p, alpha * q], dim=0)
 
 
+QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")  # official Qwen path: its own defaults below
+
+
+def padding_patch_indices(size: tuple[int, int], grid: int, patch: int = 14) -> list[int]:
+    """Patch indices of a ``grid x grid`` LLaVA-1.5 input that lie wholly in the pad-to-square padding of an
+    image of ``size = (width, height)`` (official ``calculate_padding_patch_indices``, ``include_overlap=False``):
+    the image is scaled so its long side fills ``grid * patch`` pixels, the short side ``int(round(...))``, and
+    the padding split ``//2`` before and the rest after; whole rows (or columns) of padding are listed."""
+    width, height = size
+    target = grid * patch
+    if width == height:
+        return []
+    wide = width > height
+    scaled = int(round((height if wide else width) * (target / (width if wide else height))))
+    if scaled == target:
+        return []
+    before = (target - scaled) // 2
+    lines = list(range(before // patch)) + list(range(grid - (target - scaled - before) // patch, grid))
+    if wide:
+        return [row * grid + col for row in lines for col in range(grid)]
+    return [row * grid + col for col in lines for row in range(grid)]
+
+
 @register
 @dataclass
 class MMTok(Method):
@@ -135,8 +80,18 @@ class MMTok(Method):
     Which text: the text after the image when the core provides ``ctx.text_segment``, else the whole prompt
     (documented fallback; role words ``USER``/``ASSISTANT`` are dropped by the keyword filter).
 
-    Defaults: ``alpha=0.5``, ``tau_t=0.02`` (``MMTokCore`` default; ``mm_coverage_selection``'s own default is
-    0.01), ``tau_v=0.2``. Budget ``keep`` per image, ``int(ratio * n)`` for ratios.
+    Defaults follow the official code per family (``None`` fields): LLaVA (``mmtok/llava/llava_inject.py``):
+    ``tau_t=0.02``, keywords with stopwords removed (``extract_keywords_simple``: regex words, stopword filter,
+    then split on spaces), CLIP layer -2 patches as ``v'``. Qwen2-VL / Qwen2.5-VL (``mmtok/qwen/``):
+    ``tau_t=0.01``, the text ``"Question: " + question`` split on spaces (punctuation kept, no stopword
+    removal), and ``v'`` = the **mean** of each token's 4 pre-merger patches [n, d_v]
+    (``img_features.reshape(n, 4, -1).mean(1)``). ``alpha=0.5``, ``tau_v=0.2`` everywhere. Budget ``keep``
+    per image, ``int(ratio * n)`` (floor) for ratios, as the official ``int(retain_ratio * n)``.
+
+    ``exclude_padding=True`` (official LLaVA-1.5 ``remove_padding_indices``, its default there with LLaVA's
+    pad-to-square preprocessing): the patches lying wholly in the square padding (:func:`padding_patch_indices`)
+    are never picked. It needs the original image size as ``ctx.image_size`` ``(width, height)``, which the
+    framework must provide; HF's LLaVA processors resize without padding by default, so it is off.
 
     LLaVA-NeXT (official LLaVA code, VisionZip-style): selection runs per crop (base image and each tile) with an
     equal share of the budget, and the ``image_newline`` tokens are not fed at all; so ``per_crop=True`` and
@@ -144,17 +99,18 @@ class MMTok(Method):
 
     Differences from the official code: the greedy is the incremental exact greedy of ``ops.max_coverage`` (same picks;
     ties to the lower index); per-crop budgets are ``k // n_crops`` with the remainder to the first crops (the
-    official code gives every crop the same fixed count); the official Qwen path embeds ``"Question: " + q`` without
-    stopword removal (``remove_stopwords=False`` reproduces that, minus the ``Question:`` prefix); HF tiles are
-    unpadded, so tile sizes differ from the official 576.
+    official code gives every crop the same fixed count); HF tiles are unpadded, so tile sizes differ from the
+    official 576; chat-template role words are dropped from the text (the official code sees the question alone).
     """
 
     alpha: float = 0.5
-    tau_t: float = 0.02
+    tau_t: float | None = None  # None: 0.02 (LLaVA) / 0.01 (Qwen), as the official code
     tau_v: float = 0.2
     per_crop: bool = True
     keep_newlines: bool = False
-    remove_stopwords: bool = True
+    remove_stopwords: bool | None = None  # None: True (LLaVA) / False (Qwen, "Question: " + text split on spaces)
+    mean_patches: bool | None = None  # None: Qwen's pre-merger patches averaged (official); False: concatenated
+    exclude_padding: bool = False
     tokenizer: Any = field(default=None, repr=False, compare=False)
 
     name = "mmtok"
@@ -162,22 +118,59 @@ class MMTok(Method):
     needs = frozenset({"features", "pre_features", "text"})
     paper = "MMTok: Multimodal Coverage Maximization for Efficient Inference of VLMs"
     arxiv = "2508.18264"
-    fidelity = "faithful with a tokenizer; without one, raw prompt-token embeddings stand in for the keywords"
+    fidelity = (
+        "faithful with a tokenizer (official LLaVA / Qwen settings); without one, raw prompt-token embeddings stand "
+        "in for the keywords; the official LLaVA-1.5 pad-to-square exclusion is exclude_padding=True"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.tau_t <= 0 or self.tau_v <= 0:
+        if (self.tau_t is not None and self.tau_t <= 0) or self.tau_v <= 0:
             raise MethodError(f"mmtok: temperatures must be positive, got tau_t={self.tau_t}, tau_v={self.tau_v}")
         if self.alpha < 0:
             raise MethodError(f"mmtok: alpha must be >= 0, got {self.alpha}")
 
-    def cover(self, text: torch.Tensor, features: torch.Tensor, pre_features: torch.Tensor, k: int) -> torch.Tensor:
-        """Greedy max-coverage picks (indices into ``features``) in selection order."""
-        return max_coverage(coverage_matrix(text, features, pre_features, self.alpha, self.tau_t, self.tau_v), k)
+    def cover(
+        self, text: torch.Tensor, features: torch.Tensor, pre_features: torch.Tensor, k: int, tau_t: float = 0.02,
+        exclude: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Greedy max-coverage picks (indices into ``features``) in selection order; ``exclude`` [n] bool
+        columns are never picked (they still count as coverage rows, as the official ``score_mask``)."""
+        matrix = coverage_matrix(text, features, pre_features, self.alpha, tau_t, self.tau_v)
+        if exclude is not None and bool(exclude.any()):
+            allowed = torch.nonzero(~exclude).flatten()
+            return allowed[max_coverage(matrix[:, allowed], min(k, allowed.numel()))]
+        return max_coverage(matrix, k)
+
+    def family_settings(self, ctx: ImageContext) -> tuple[float, bool, bool, str]:
+        """(tau_t, remove_stopwords, mean_patches, text prefix) for this image's family."""
+        qwen = ctx.family in QWEN_FAMILIES
+        tau_t = self.tau_t if self.tau_t is not None else (0.01 if qwen else 0.02)
+        stop = self.remove_stopwords if self.remove_stopwords is not None else not qwen
+        mean = self.mean_patches if self.mean_patches is not None else qwen
+        return tau_t, stop, mean, ("" if stop else "Question: ") if qwen else ""
+
+    def padding_mask(self, ctx: ImageContext) -> torch.Tensor | None:
+        if not self.exclude_padding:
+            return None
+        size = getattr(ctx, "image_size", None)
+        if size is None or ctx.always_keep.any():
+            raise MethodError(
+                "mmtok: exclude_padding=True needs a single-crop LLaVA-1.5 image and its original size as "
+                "ctx.image_size (width, height), which this framework did not provide; leave exclude_padding=False."
+            )
+        h, w = ctx.grid_hw
+        flat = ctx.grid_rc[:, 0] * w + ctx.grid_rc[:, 1]
+        pad = torch.tensor(padding_patch_indices(tuple(size), h), dtype=torch.long, device=flat.device)
+        return torch.isin(flat, pad)
 
     def select(self, ctx: ImageContext, k: int) -> torch.Tensor:
-        text = keyword_embeddings(ctx, self.tokenizer, "after", self.remove_stopwords)
+        tau_t, stop, mean, prefix = self.family_settings(ctx)
+        text = keyword_embeddings(ctx, self.tokenizer, "after", stop, prefix)
         pre = ctx.pre_features if ctx.pre_features is not None else ctx.features
+        if mean and ctx.pre_features is not None:
+            pre = pre.reshape(pre.shape[0], 4, -1).mean(1)
+        padding = self.padding_mask(ctx)
         newline = ctx.always_keep
         cand = torch.nonzero(~newline).flatten()
         lines = torch.nonzero(newline).flatten()
@@ -186,7 +179,11 @@ class MMTok(Method):
         ids = torch.unique(groups).tolist() if self.per_crop else [None]
         members = [cand if g is None else cand[groups == g] for g in ids]
         shares = split_budget(budget, [int(m.numel()) for m in members])
-        picks = [m[self.cover(text, ctx.features[m], pre[m], s)] for m, s in zip(members, shares, strict=True) if s]
+        picks = [
+            m[self.cover(text, ctx.features[m], pre[m], s, tau_t, None if padding is None else padding[m])]
+            for m, s in zip(members, shares, strict=True)
+            if s
+        ]
         chosen = torch.cat(picks) if picks else cand[:0]
         if self.keep_newlines:
             return torch.cat([lines, chosen])

@@ -8,7 +8,7 @@ import torch
 
 from ..budget import resolve_keep
 from ..context import LLMContext
-from ..ops import topk_indices
+from ._own_qk import FALLBACK_NOTE, OWN_QK_SUPPORTED, attention_needs, score_layer
 from ._schedule import PAPER_TOKENS, check_layers, scale_layers, solve_schedule
 from .base import LLMMethod, MethodError, register
 
@@ -19,19 +19,22 @@ class PDrop(LLMMethod):
     """PyramidDrop (Xing et al., CVPR 2025, arXiv 2410.17247): rank and drop visual tokens at the end of each
     stage of the LLM, keeping ``lambda^s`` of them after stage ``s``.
 
-    Stage ``llm``, several layers: ``[8, 16, 24]`` on a 32-layer LLM (``layer_fractions=(0.25, 0.5, 0.75)``,
-    rounded and made strictly increasing on shallower models; pass ``layers`` to set them explicitly). At each
-    stage layer ``l`` the last prompt token's attention row over the image is recomputed from the queries and
-    keys of layer ``l - 1`` after RoPE (captured by the framework, no ``output_attentions``), averaged over
-    heads, and the top count is kept. Signals: ``attention`` of layer ``l - 1`` ([H, L, d] q/k), hidden [n, D]
-    (only its width is used). Positions: ``reindex`` (contiguous, as the official code rebuilds the sequence),
-    ``original`` on M-RoPE families (the framework's rule).
+    Stage ``llm``, several layers: ``[8, 16, 24]`` on a 32-layer LLM, scaled with depth as
+    ``max(1, round(K32 * n_layers / 32))`` and made strictly increasing (:mod:`tokensieve.methods._layers`;
+    ``layers`` sets them explicitly). At each stage layer ``l``, before layer ``l`` runs, the last prompt
+    token's attention row over the image is recomputed from layer ``l``'s *own* queries and keys after RoPE
+    on its input (``input_layernorm -> q_proj / k_proj``, signal ``own_qk``, as the official
+    ``pdrop_rank_drop`` does; no ``output_attentions``), averaged over heads, and the top count is kept
+    (``torch.topk``). Signals: ``own_qk`` ([H, L, d] q/k of layer ``l``), hidden [n, D]. Positions:
+    ``reindex`` (contiguous, as the official code rebuilds the sequence), ``original`` on M-RoPE families
+    (the framework's rule).
 
     Budget (``n`` = the image's tokens):
 
-    - default (``average_budget=False``): ``keep`` is the count after the *first* stage, ``c0 = int(keep * n)``
-      (or the int itself), and stage ``s`` keeps ``int(c0 * lam**s)``, never below one token. ``keep=0.5,
-      lam=0.5`` is the paper's ``image_token_ratio_list [0.5, 0.25, 0.125]``.
+    - default (``average_budget=False``): ``keep`` is the ratio after the *first* stage and stage ``s`` keeps
+      ``int(n * keep * lam**s)`` (floor, as the official ``int(image_tokens * image_token_ratio_list[s])``),
+      never below one token; an int ``keep`` is the first count ``c0`` and stage ``s`` keeps
+      ``int(c0 * lam**s)``. ``keep=0.5, lam=0.5`` is the paper's ``image_token_ratio_list [0.5, 0.25, 0.125]``.
     - ``average_budget=True``: ``keep`` is the layer-averaged count of the standard comparison tables (FLOPs
       equivalent). The stage layers stay fixed and ``lam`` is solved (``lam_s = t^(s+1)`` schedule, bisection
       on ``t`` through :func:`tokensieve.budget.stages_layer_average`) so the average is the largest one not
@@ -41,11 +44,12 @@ class PDrop(LLMMethod):
       64 on 32 layers), as the paper's low-budget settings move the first layer. The stage layers are fixed
       before the image is seen, so an int ``keep`` is read as a fraction of 576 tokens for this rule only.
 
-    Differences from the official code (``Cooperx521/PyramidDrop`` ``llava/model/modeling_llama_pdrop.py``,
-    LightCompress ``pyramiddrop.py``): the scores come from the q/k of the layer just before the stage layer
-    (the framework captures layers < the stage layer) and the query row is the last prompt token, which on
-    LLaVA prompts is the last instruction token; the official 64/128/192 settings tune the first layer and
-    ``lam`` by hand (``R_dict``), here ``lam`` is solved for a given average with the layers fixed.
+    Differences from the official code (``Cooperx521/PyramidDrop`` ``llava/model/modeling_llama_pdrop.py``):
+    the query row is the last prompt token, which on LLaVA prompts is the last instruction token (the official
+    ``prompt_len + image_tokens - 1``); the official 64/128/192 settings tune the first layer and ``lam`` by
+    hand, here (``average_budget=True``) ``lam`` is solved for a given average with the layers fixed. Where
+    the framework has no ``own_qk`` signal the method falls back to the q/k of layer ``l - 1`` and its
+    ``fidelity`` note says so.
     """
 
     keep: float | int = 0.5
@@ -55,7 +59,8 @@ class PDrop(LLMMethod):
     lam: float = 0.5
 
     name = "pdrop"
-    needs = frozenset({"hidden", "attention"})
+    needs = attention_needs("hidden")
+    fidelity = "faithful" if OWN_QK_SUPPORTED else FALLBACK_NOTE
     default_positions = "reindex"
     paper = "PyramidDrop: Accelerating Your Large Vision-Language Models via Pyramid Visual Redundancy Reduction"
     arxiv = "2410.17247"
@@ -87,11 +92,16 @@ class PDrop(LLMMethod):
                 return [max(1, int(n_tokens * t ** (s + 1))) for s in range(len(layers))]
 
             return solve_schedule(counts, average, layers, n_tokens, n_layers)
+        if isinstance(self.keep, float):
+            return [max(1, min(n_tokens, int(n_tokens * (self.keep * self.lam**s)))) for s in range(len(layers))]
         first = resolve_keep(self.keep, n_tokens)
         return [max(1, int(first * self.lam**s)) for s in range(len(layers))]
 
     def budget(self, n_tokens: int, *, stage_index: int = 0, n_layers: int = 0) -> int:
         return self.schedule(n_tokens, n_layers)[stage_index]
 
+    def capture_layers(self, layer: int, n_layers: int) -> list[int]:
+        return [] if OWN_QK_SUPPORTED else [layer - 1]
+
     def select(self, ctx: LLMContext, k: int) -> torch.Tensor:
-        return topk_indices(ctx.last_token_attention(), k)
+        return torch.topk(ctx.last_token_attention(score_layer(ctx.layer)), k).indices

@@ -33,6 +33,27 @@ def pooling_cells(grid_rc: torch.Tensor, grid_hw: tuple[int, int], k: int) -> to
     return first_cell[band] + col_segment
 
 
+def member_cells(grid_rc: torch.Tensor, k: int) -> torch.Tensor:
+    """Exactly ``k`` non-empty cells (ids ``0..k-1``) over the present tokens of one crop, ``k <= len(grid_rc)``.
+
+    The tokens' rows and columns are re-indexed densely first, so a crop whose grid was cut by unpadding
+    (LLaVA-NeXT tiles) is pooled over the rectangle it occupies, not over the full tile grid where some cells
+    would be empty. If the present tokens are not a full rectangle and a cell still comes out empty, the tokens
+    are cut in raster order into ``k`` runs instead.
+    """
+    _, rows = torch.unique(grid_rc[:, 0], return_inverse=True)
+    _, cols = torch.unique(grid_rc[:, 1], return_inverse=True)
+    dense = torch.stack([rows, cols], dim=1)
+    hw = (int(rows.max()) + 1, int(cols.max()) + 1)
+    cells = pooling_cells(dense, hw, k)
+    if torch.unique(cells).numel() == k:
+        return torch.unique(cells, return_inverse=True)[1]
+    raster = torch.argsort(rows * hw[1] + cols, stable=True)
+    out = torch.empty_like(cells)
+    out[raster] = torch.div(torch.arange(len(cells), device=cells.device) * k, len(cells), rounding_mode="floor")
+    return out
+
+
 @register
 @dataclass
 class Pool(Method):
@@ -41,12 +62,15 @@ class Pool(Method):
     The baseline that several peers found strong ("downsample"). Each cell's mean feature is written into the
     slot of the cell's most central token, so kept positions follow the grid; positions are re-indexed
     (``reindex``). Per crop on LLaVA-NeXT (the budget is split over crops in proportion to their tokens), and
-    ``image_newline`` tokens are kept on top of the budget. Stage ``projector``; signals: projected features.
+    ``image_newline`` tokens are kept on top of the budget; an unpadded tile is pooled over the rectangle its
+    tokens occupy (:func:`member_cells`), so every crop gets exactly its share. Stage ``projector``; signals:
+    projected features.
     """
 
     name = "pool"
     stage = "projector"
     needs = frozenset({"features"})
+    fidelity = "our baseline, no official code: average pooling into exactly k grid cells"
     paper = "Spatial average pooling baseline (downsample), e.g. as studied in arXiv 2412.01818"
     arxiv = ""
 
@@ -61,7 +85,7 @@ class Pool(Method):
             members = prunable[groups == gid]
             if budget <= 0:
                 continue
-            cells = pooling_cells(ctx.grid_rc[members], ctx.grid_hw, min(budget, members.numel()))
+            cells = member_cells(ctx.grid_rc[members], min(budget, members.numel()))
             n_cells = int(cells.max()) + 1
             feats = ctx.features[members].float()
             sums = torch.zeros(n_cells, feats.shape[1], device=device).index_add_(0, cells, feats)

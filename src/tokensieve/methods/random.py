@@ -7,7 +7,21 @@ from dataclasses import dataclass
 import torch
 
 from ..context import ImageContext, LLMContext
-from .base import Method, MethodError, register
+from ._layers import normalize_layer
+from .base import Method, register
+
+
+class _ByLayer:
+    """A per-instance value of a class attribute: ``by_layer`` when the instance has a ``layer``, else
+    ``default``. On the class itself it reads ``default``, so the registry still sees a valid ``stage``."""
+
+    def __init__(self, default: str, by_layer: str) -> None:
+        self.default, self.by_layer = default, by_layer
+
+    def __get__(self, obj, owner=None) -> str:
+        if obj is None or getattr(obj, "layer", None) is None:
+            return self.default
+        return self.by_layer
 
 
 @register
@@ -20,7 +34,7 @@ class Random(Method):
     random at a deep layer). Positions: ``reindex`` before the LLM, ``original`` inside it (LightCompress keeps
     ``keep_indexs``; Information-Horizon re-indexes, choose ``positions="reindex"`` for that).
 
-    Signals: none. Same ``seed``, same tokens (the generator is seeded by seed, sample and image).
+    Signals: none. Same ``seed``, same tokens (the draw comes from ``ctx.generator(seed)``).
     Paper: a baseline found strong by UniPruneBench, CATP and "All You Need Are Random Visual Tokens?"
     (arXiv 2512.07580).
     """
@@ -29,24 +43,17 @@ class Random(Method):
     layer: int | None = None
 
     name = "random"
-    stage = "projector"
+    stage = _ByLayer("projector", "llm")  # type: ignore[assignment]  # per instance, never written
+    default_positions = _ByLayer("reindex", "original")  # type: ignore[assignment]
     needs = frozenset()
+    fidelity = "seeded uniform draw: the rule of LightCompress random.py, not its (unseeded) picks"
     paper = "Random visual-token pruning (baseline; Information Horizon, arXiv 2512.07580)"
     arxiv = "2512.07580"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.layer is not None:
-            object.__setattr__(self, "stage", "llm")
-            object.__setattr__(self, "default_positions", "original")
 
     def llm_layers(self, n_layers: int) -> list[int]:
         if self.layer is None:
             return []
-        layer = self.layer if self.layer >= 0 else n_layers + self.layer
-        if not 0 <= layer < n_layers:
-            raise MethodError(f"random: layer={self.layer} is outside the model's {n_layers} decoder layers")
-        return [layer]
+        return [normalize_layer(self.layer, n_layers, name="random: layer")]
 
     def select(self, ctx: ImageContext | LLMContext, k: int) -> torch.Tensor:
         order = torch.randperm(ctx.n, generator=ctx.generator(self.seed))

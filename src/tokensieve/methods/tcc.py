@@ -9,8 +9,8 @@ import torch
 from ..budget import split_budget
 from ..context import ImageContext
 from ..ops import cosine_similarity_matrix, topk_indices
+from ._vision import Crop, crops_of, feature_layer, importance, require_vision, scoring_layer
 from .base import Method, MethodError, register
-from .visionzip import Crop, crops_of, feature_layer, importance, require_vision, scoring_layer
 
 
 def redundancy(ctx: ImageContext, layer: int, crop: Crop, threshold: float) -> float:

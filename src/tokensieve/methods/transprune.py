@@ -8,7 +8,7 @@ import torch
 
 from ..budget import resolve_keep
 from ..context import LayerCapture, LLMContext
-from ..ops import topk_indices
+from ._own_qk import FALLBACK_NOTE, OWN_QK_SUPPORTED, attention_needs, score_layer
 from ._schedule import PAPER_DEPTH, check_layers, fit_stages, scale_layers, solve_schedule
 from .base import LLMMethod, MethodError, register
 
@@ -22,7 +22,7 @@ def transition_variation(before: torch.Tensor, after: torch.Tensor, valid: torch
     b, a = before.float(), after.float()
     b_norm, a_norm = b.norm(dim=-1), a.norm(dim=-1)
     cos = (a * b).sum(-1) / (a_norm * b_norm).clamp_min(1e-8)
-    logits = (1.0 - cos).masked_fill(~valid, float("-inf"))
+    logits = (1.0 - cos).masked_fill(~valid, float("-inf"))  # official: exp(1 - cos) / sum, batch 1
     return (a_norm / b_norm.clamp_min(1e-8)) * torch.softmax(logits, dim=0).masked_fill(~valid, 0.0)
 
 
@@ -42,7 +42,8 @@ class TransPrune(LLMMethod):
 
     Stage ``llm`` at several layers, progressively: on a 32-layer LLM the official LLaVA-1.5 script prunes from
     0-based layers ``[7, 9, 12]`` (after 1-based layers 7, 9, 12) to ``[0.875, 0.625, 0.125]`` of the image's
-    tokens, accumulating TTV over layers 6..11 (1-based 7..12). Layers scale with depth (``layer_fractions``,
+    tokens, accumulating TTV over layers 6..11 (1-based 7..12). Layers scale with depth as
+    ``max(1, round(K32 * n_layers / 32))`` (:mod:`tokensieve.methods._layers`; ``layer_fractions``,
     ``accumulate_fraction``) or are set by ``layers`` / ``accumulate_from``.
 
     Signals and score at stage layer ``l``:
@@ -52,12 +53,16 @@ class TransPrune(LLMMethod):
       ``after`` = module output, both [L_j, D] (``sublayer_io``);
       ``w = (||after|| / ||before||) * softmax_over_sequence(1 - cos(before, after))``; TTV = sum over modules
       and layers, restricted to the image's candidates [n].
-    - IGA: attention of all instruction tokens (text after the image) over the image, recomputed from the q/k
-      of layer ``l - 1`` after RoPE, averaged over heads and rows [n] (:meth:`LLMContext.instruction_attention`).
-    - ``score = TTV / sum(TTV) + IGA / sum(IGA)``; the top count is kept.
+    - IGA: attention of all instruction tokens (text after the image) over the image, recomputed from the
+      stage layer's *own* q/k after RoPE on its input (signal ``own_qk``, as the official
+      ``transprune_rank_drop`` applies layer ``l``'s ``input_layernorm``, ``q_proj``, ``k_proj``), averaged over
+      heads and rows [n] (:meth:`LLMContext.instruction_attention`).
+    - ``score = TTV / (sum(TTV) + 1e-8) + IGA / (sum(IGA) + 1e-8)``; the top count is kept (``torch.topk``).
 
-    Budget: ``keep`` is the count after the *last* stage (default 0.125, the official final ratio); earlier
-    stages keep ``ratios`` scaled by ``keep / ratios[-1]`` (clipped to the image). With ``average_budget=True``
+    Budget: ``keep`` is the ratio after the *last* stage (default 0.125, the official final ratio); stage
+    ``s`` keeps ``int(n * ratios[s] * keep / ratios[-1])`` (floor; at the default ``int(n * ratios[s])``, the
+    official ``int(image_tokens * image_token_ratio_list[s])``: 87, 62, 12 at n=100). An int ``keep`` is the
+    final count (earlier stages scaled from ``keep / n``). With ``average_budget=True``
     ``keep`` is the layer-averaged count: the ratio shape is scaled by a factor solved so the layer average is
     the largest not above ``keep`` (:func:`tokensieve.budget.stages_layer_average`). The layers before the
     first stage keep every token, so an average below ``first / L`` of the image (126 of 576 on 32 layers)
@@ -68,7 +73,8 @@ class TransPrune(LLMMethod):
 
     Differences from the official code (``liaolea/TransPrune`` ``llava/model/modeling_llama_transprune.py``):
     padding tokens are excluded from the TTV softmax (the code runs batch 1); when stages are scaled to a
-    shallow model the accumulation start is moved before the first stage layer.
+    shallow model the accumulation start is moved before the first stage layer. Where the framework has no
+    ``own_qk`` signal, IGA falls back to the q/k of layer ``l - 1`` and the ``fidelity`` note says so.
     """
 
     keep: float | int = 0.125
@@ -80,7 +86,8 @@ class TransPrune(LLMMethod):
     accumulate_fraction: float = 6 / PAPER_DEPTH
 
     name = "transprune"
-    needs = frozenset({"hidden", "attention", "sublayer_io"})
+    needs = attention_needs("hidden", "sublayer_io")
+    fidelity = "faithful" if OWN_QK_SUPPORTED else FALLBACK_NOTE
     default_positions = "reindex"
     paper = "TransPrune: Token Transition Pruning for Efficient Large Vision-Language Model (CVPR 2026)"
     arxiv = "2507.20630"
@@ -115,12 +122,13 @@ class TransPrune(LLMMethod):
         last = ratios[-1]
 
         def counts(t: float) -> list[int]:
-            return [max(1, min(n_tokens, int(n_tokens * r * t / last + 1e-9))) for r in ratios]
+            scale = t / last
+            return [max(1, min(n_tokens, int(n_tokens * (r * scale)))) for r in ratios]
 
         if self.average_budget:
             return solve_schedule(counts, resolve_keep(self.keep, n_tokens), layers, n_tokens, n_layers)
         final = resolve_keep(self.keep, n_tokens)
-        out = counts(final / n_tokens)
+        out = counts(self.keep if isinstance(self.keep, float) else final / n_tokens)
         out[-1] = final
         return [max(c, final) for c in out]
 
@@ -132,8 +140,8 @@ class TransPrune(LLMMethod):
         for j in self.capture_layers(ctx.layer, ctx.n_layers):
             cap = ctx.capture(j)
             ttv = ttv + layer_ttv(cap)[cap.rows(ctx.image_cols)].to(ttv.device)
-        iga = ctx.instruction_attention().float()
-        return ttv / ttv.sum().clamp_min(1e-12) + iga / iga.sum().clamp_min(1e-12)
+        iga = ctx.instruction_attention(score_layer(ctx.layer)).float()
+        return ttv / (ttv.sum() + 1e-8) + iga / (iga.sum() + 1e-8)
 
     def select(self, ctx: LLMContext, k: int) -> torch.Tensor:
-        return topk_indices(self.scores(ctx), k)
+        return torch.topk(self.scores(ctx), k).indices

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..budget import split_budget
+from ..budget import resolve_keep, split_budget
 from ..context import ImageContext
-from ..ops import greedy_max_min, minmax_normalise
+from ..ops import greedy_max_min, greedy_sum_fusion, minmax_normalise
 from ..ops.zoo_sensitivity import (
     exact_mlp_sensitivity,
     finite_difference_sensitivity,
@@ -65,7 +65,12 @@ class Zoo(Method):
     equally (``k // n_crops``, the remainder to the first crops; a crop smaller than its share passes the rest on
     to the others: :func:`tokensieve.budget.split_budget`), and ``image_newline`` tokens (``ctx.always_keep``)
     are kept on top of the budget: an image keeps ``k + n_newlines`` tokens. Single-crop families are one
-    group (Qwen: one per frame).
+    group (Qwen: one per frame). The official NeXT code (``llava_arch_llava_next_7b.py``) finds the newline rows
+    before the base crop is prepended, so it keeps tokens at shifted positions and drops the real newlines;
+    here the real newlines are kept on top of the budget, which is what its comment intends. Its ratio budget
+    is ``int(2880 * ratio)`` whatever the image size: ``ratio_of=2880`` gives that convention (a ratio
+    ``keep`` becomes ``int(keep * ratio_of)``, capped at the image's tokens); by default a ratio is of this
+    image's own tokens (floor).
 
     Defaults ``m=64``, ``h=0.01``, ``seed=0``, budget ``keep=0.25`` (the paper's LLaVA-1.5 settings use ``keep=64``,
     ``128``, ``192`` of 576; ``int(ratio * 576)`` with ratio 0.1112/0.2223/0.3334 gives the same counts).
@@ -85,13 +90,18 @@ class Zoo(Method):
     lowrank: int | None = None
     dtype: str = "float32"
     chunk_rows: int = 8192
+    ratio_of: int | None = None  # None: a ratio keep is of this image's tokens; 2880: the official NeXT budget
 
     name = "zoo"
     stage = "projector"
     needs = frozenset({"features", "pre_features", "projector"})
     paper = "ZOO-Prune: Training-Free Token Pruning via Zeroth-Order Gradient Estimation in VLMs (CVPR 2026)"
     arxiv = "2509.24837"
-    fidelity = "faithful (fp32 and seeded by default; fp16 via dtype; Qwen mapping has no official code)"
+    fidelity = (
+        "faithful on LLaVA-1.5 (fp32 and seeded by default; fp16 via dtype); NeXT keeps the real newlines on top "
+        "(official code keeps shifted ones), per-image ratio budget (ratio_of=2880 for the official); Qwen mapping "
+        "has no official code"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -103,8 +113,15 @@ class Zoo(Method):
             raise MethodError(f"zoo: dtype={self.dtype!r}; choose one of {tuple(DTYPES)}")
         if self.m < 1 or self.h <= 0 or self.chunk_rows < 1:
             raise MethodError(f"zoo: need m >= 1, h > 0, chunk_rows >= 1 (got {self.m}, {self.h}, {self.chunk_rows})")
+        if self.ratio_of is not None and self.ratio_of < 1:
+            raise MethodError(f"zoo: ratio_of={self.ratio_of} must be a positive token count or None")
         if self.lowrank is not None and self.lowrank < 1:
             raise MethodError(f"zoo: lowrank must be a positive rank or None, got {self.lowrank}")
+
+    def budget(self, n_tokens: int, *, stage_index: int = 0, n_layers: int = 0) -> int:
+        if self.ratio_of is None or not isinstance(self.keep, float):
+            return resolve_keep(self.keep, n_tokens)
+        return max(1, min(n_tokens, int(self.keep * self.ratio_of)))
 
     # ----- sensitivity ---------------------------------------------------------------------------------------
     def _projection(self, ctx: ImageContext, d_in: int) -> tuple:
@@ -148,7 +165,7 @@ class Zoo(Method):
     def _sads(self, z: torch.Tensor, weights: torch.Tensor, k: int) -> torch.Tensor:
         if self.fusion == "product":
             return greedy_max_min(z, k, weights=weights, first="max_weight")
-        return _greedy_sum(z, weights, k)
+        return greedy_sum_fusion(z, weights, k)
 
     def select(self, ctx: ImageContext, k: int) -> torch.Tensor:
         device = ctx.features.device
@@ -169,26 +186,3 @@ class Zoo(Method):
             chosen.append(prunable[members[picks]])
         return torch.cat(chosen)
 
-
-def _greedy_sum(z: torch.Tensor, weights: torch.Tensor, k: int) -> torch.Tensor:
-    """SADS with sum fusion: first ``argmax w``, then ``argmax_i w(i) + min_{p in P} (1 - cos(z_i, z_p))``.
-
-    One matvec per step on the normalised features, a running minimum distance; ties go to the lower index.
-    """
-    zn = z.float()
-    zn = zn / zn.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-    w = weights.to(device=z.device, dtype=torch.float32)
-    n = zn.shape[0]
-    picked = torch.empty(k, dtype=torch.long, device=z.device)
-    taken = torch.zeros(n, dtype=torch.bool, device=z.device)
-    min_dist = torch.full((n,), float("inf"), device=z.device)
-    p = w.argmax()
-    for t in range(k):
-        picked[t] = p
-        taken[p] = True
-        if t == k - 1:
-            break
-        row = (zn @ zn[p]).clamp_(-1.0, 1.0).neg_().add_(1.0)
-        torch.minimum(min_dist, row, out=min_dist)
-        p = (w + min_dist).masked_fill(taken, float("-inf")).argmax()
-    return picked

@@ -2,15 +2,14 @@
 statistics."""
 
 from tokensieve.ops.attention import attention_rows, head_mean
+from tokensieve.ops.clustering import density_peak_clusters, merge_by_assignment
+from tokensieve.ops.diversity import greedy_max_min, greedy_sum_fusion
+from tokensieve.ops.relevance import mmr
 from tokensieve.ops.selection import (
     cosine_distance_matrix,
     cosine_similarity_matrix,
-    density_peak_clusters,
     facility_location,
-    greedy_max_min,
     max_coverage,
-    merge_by_assignment,
-    mmr,
     topk_indices,
 )
 from tokensieve.ops.stats import entropy, matrix_entropy_per_token, minmax_normalise
@@ -23,6 +22,7 @@ __all__ = [
     "entropy",
     "facility_location",
     "greedy_max_min",
+    "greedy_sum_fusion",
     "head_mean",
     "matrix_entropy_per_token",
     "max_coverage",
