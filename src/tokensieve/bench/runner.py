@@ -254,6 +254,31 @@ def _on_rank0(world: World, fn, *args):
     return outcome[1]
 
 
+def hold_run_lock(out_dir: Path, world: World) -> RunLock | None:
+    """Take the run folder's lock on rank 0 (``None`` on other ranks); every rank raises
+    :class:`~tokensieve.bench.parallel.RunLocked` if another run holds it."""
+
+    def take():
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        lock = RunLock(Path(out_dir))
+        lock.acquire()
+        return lock
+
+    lock = None
+    if world.main:
+        try:
+            lock = take()
+            outcome = None
+        except (RuntimeError, OSError) as error:
+            outcome = error
+    else:
+        outcome = None
+    outcome = world.broadcast(outcome)
+    if outcome is not None:
+        raise outcome
+    return lock
+
+
 def run_bench(
     model,
     processor,
@@ -263,12 +288,14 @@ def run_bench(
     model_name: str = "",
     write_report: bool = True,
     world: World | None = None,
+    lock: RunLock | None = None,
 ) -> BenchResult:
     """Run every missing cell of ``config`` into ``out_dir`` and write the report (rank 0).
 
     Cells already in the folder are skipped (error and unreachable rows too, unless ``config.retry_errors``).
-    ``KeyboardInterrupt`` stops the run between or inside cells; the finished cells stay on disk. Raises
-    :class:`~tokensieve.bench.parallel.RunLocked` if another run holds the folder.
+    ``KeyboardInterrupt`` stops the run between or inside cells; the finished cells stay on disk. The folder's lock
+    is taken for the run (pass ``lock`` if the caller already holds it); another run holding it raises
+    :class:`~tokensieve.bench.parallel.RunLocked`.
     """
     config = config or BenchConfig()
     world = world or current_world()
@@ -277,24 +304,19 @@ def run_bench(
         method_class(name)  # unknown names fail now, not after an hour
     keeps = [validate_keep(k) for k in config.keeps]
     out_dir = Path(out_dir)
-    lock = RunLock(out_dir)
     fingerprint = _fingerprint(task, model_name)
-
-    def start():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        lock.acquire()
-        try:
-            _check_folder(out_dir, fingerprint, config)
-            return _todo(saved_rows(out_dir), methods, keeps, config.retry_errors)
-        except BaseException:
-            lock.release()
-            raise
-
-    todo, skipped = _on_rank0(world, start)
+    own = hold_run_lock(out_dir, world) if lock is None else None
     try:
+        todo, skipped = _on_rank0(world, _start, out_dir, fingerprint, config, methods, keeps)
         return _run(model, processor, task, out_dir, config, world, todo, skipped, fingerprint, write_report)
     finally:
-        lock.release()
+        if own is not None:
+            own.release()
+
+
+def _start(out_dir: Path, fingerprint: dict, config: BenchConfig, methods: list[str], keeps: list[Keep]):
+    _check_folder(out_dir, fingerprint, config)
+    return _todo(saved_rows(out_dir), methods, keeps, config.retry_errors)
 
 
 def _run(model, processor, task, out_dir, config, world, todo, skipped, fingerprint, write_report) -> BenchResult:
