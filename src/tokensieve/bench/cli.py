@@ -207,7 +207,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"bench: {name} on {task.name} ({len(task.samples)} questions), {len(config.methods)} methods x "
                   f"{list(config.keeps)} -> {out} ({world.size} process(es))", file=sys.stderr)  # fmt: skip
         try:
-            result = run_bench(model, processor, task, out, config, model_name=name, world=world, lock=lock)
+            result = run_bench(model, processor, task, out, config, model_name=name, world=world, locked=True)
         except KeyboardInterrupt:
             if world.main:
                 print(_resume_hint(out, total), file=sys.stderr)
@@ -221,7 +221,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             table = errors_table(result.rows, status)
             if table:
                 print(f"\n{status}:\n{table}")
-        print(f"\n{len(result.computed)} cells computed here, {len(result.skipped)} resumed, "
+        print(f"\n{len(result.computed)} cells computed, {len(result.skipped)} resumed, "
               f"{time.perf_counter() - start:.0f} s; report: {result.report}")  # fmt: skip
     return 0
 

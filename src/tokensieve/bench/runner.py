@@ -192,6 +192,8 @@ def merge_shards(out_dir: Path) -> list[str]:
             merged.append(row["cell"])
     for shard in shards:
         shard.unlink()
+    if (out_dir / SHARDS_DIR).is_dir() and not any((out_dir / SHARDS_DIR).iterdir()):
+        (out_dir / SHARDS_DIR).rmdir()
     return merged
 
 
@@ -233,6 +235,7 @@ def _run_cells(prepared: Prepared, todo: list, sink: Path, done: dict, config: B
             bar.set_postfix_str(cell_key(method, keep))
             before = bar.n
             row = _measure(prepared, method, keep, config, bar)
+            row["rank"] = world.rank
             append_row(sink, _with_retention(row, done.get(cell_key(REFERENCE, 1.0))))
             done[row["cell"]] = row
             computed.append(row["cell"])
@@ -288,13 +291,13 @@ def run_bench(
     model_name: str = "",
     write_report: bool = True,
     world: World | None = None,
-    lock: RunLock | None = None,
+    locked: bool = False,
 ) -> BenchResult:
     """Run every missing cell of ``config`` into ``out_dir`` and write the report (rank 0).
 
     Cells already in the folder are skipped (error and unreachable rows too, unless ``config.retry_errors``).
     ``KeyboardInterrupt`` stops the run between or inside cells; the finished cells stay on disk. The folder's lock
-    is taken for the run (pass ``lock`` if the caller already holds it); another run holding it raises
+    is taken for the run (``locked=True``: the caller holds it, from :func:`hold_run_lock`); another run holding it raises
     :class:`~tokensieve.bench.parallel.RunLocked`.
     """
     config = config or BenchConfig()
@@ -305,7 +308,7 @@ def run_bench(
     keeps = [validate_keep(k) for k in config.keeps]
     out_dir = Path(out_dir)
     fingerprint = _fingerprint(task, model_name)
-    own = hold_run_lock(out_dir, world) if lock is None else None
+    own = None if locked else hold_run_lock(out_dir, world)
     try:
         todo, skipped = _on_rank0(world, _start, out_dir, fingerprint, config, methods, keeps)
         return _run(model, processor, task, out_dir, config, world, todo, skipped, fingerprint, write_report)
@@ -336,7 +339,7 @@ def _run(model, processor, task, out_dir, config, world, todo, skipped, fingerpr
     rows: list[dict] = []
     result = BenchResult(out_dir=out_dir, rows=rows, computed=computed, skipped=skipped)
     if world.main:
-        merge_shards(out_dir)
+        result.computed += merge_shards(out_dir)  # the other ranks' cells of this run
         result.rows = read_rows(out_dir / RESULTS_FILE)
         if write_report:
             from .report import write_report as write
