@@ -194,7 +194,7 @@ def test_report_has_the_table_plots_and_picture_grid(bench_run):
     out, _, result, _ = bench_run
     report = (out / REPORT_FILE).read_text()
     assert result.report == out / REPORT_FILE
-    header = "| method | stage | keep | budget tokens | layer-avg tokens | final tokens | mean % | retention % | FLOPs %"
+    header = "| method | stage | keep | budget tokens | layer-avg tokens | final tokens | mean % | retention % | FLOPs"
     assert header in report
     assert "color %" in report and "read %" in report
     for cell in (

@@ -296,9 +296,9 @@ def run_bench(
     """Run every missing cell of ``config`` into ``out_dir`` and write the report (rank 0).
 
     Cells already in the folder are skipped (error and unreachable rows too, unless ``config.retry_errors``).
-    ``KeyboardInterrupt`` stops the run between or inside cells; the finished cells stay on disk. The folder's lock
-    is taken for the run (``locked=True``: the caller holds it, from :func:`hold_run_lock`); another run holding it raises
-    :class:`~tokensieve.bench.parallel.RunLocked`.
+    ``KeyboardInterrupt`` stops the run between or inside cells; the finished cells stay on disk. The folder's
+    lock is taken for the run (``locked=True``: the caller holds it, from :func:`hold_run_lock`); another run
+    holding it raises :class:`~tokensieve.bench.parallel.RunLocked`.
     """
     config = config or BenchConfig()
     world = world or current_world()
