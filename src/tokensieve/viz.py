@@ -206,8 +206,8 @@ def save_overlay(image: Image.Image, kept, info: dict, path: str | Path, title: 
     picture = overlay(image, kept, info, view=view)
     width = max(4.0, picture.width / 100)
     lines = title.count("\n") + 1
-    fig = plt.figure(figsize=(width, width * picture.height / picture.width + 0.22 * lines + 0.2))
-    ax = fig.add_axes((0, 0, 1, 1 - (0.22 * lines + 0.2) / fig.get_figheight()))
+    fig = plt.figure(figsize=(width, width * picture.height / picture.width + 0.18 * lines + 0.12))
+    ax = fig.add_axes((0, 0, 1, 1 - (0.18 * lines + 0.12) / fig.get_figheight()))
     ax.imshow(picture)
     ax.axis("off")
     fig.suptitle(title, fontsize=9, y=0.995, va="top")
