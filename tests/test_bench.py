@@ -19,8 +19,10 @@ from tokensieve.bench.cli import parse_keep
 from tokensieve.bench.loaders import load_task
 from tokensieve.bench.metrics import (
     DecoderShape,
+    PairedLatency,
     cache_bytes,
     layer_flops,
+    paired_latency,
     prefill_flops,
     retention,
     tokens_per_layer,
@@ -81,6 +83,28 @@ def test_tokens_per_layer_uses_the_trace_counts():
     assert tokens_per_layer(trace, 0, text_tokens=6, n_images_tokens=8, n_layers=4) == [14, 14, 9, 9]
     assert tokens_per_layer(trace, 1, text_tokens=6, n_images_tokens=8, n_layers=4) == [14, 14, 11, 11]
     assert tokens_per_layer(None, 0, text_tokens=6, n_images_tokens=8, n_layers=2) == [14, 14]
+
+
+def test_paired_latency_alternates_pruned_and_unpruned():
+    events = []
+
+    class Context:
+        def __enter__(self):
+            events.append("enter")
+
+        def __exit__(self, *exc):
+            events.append("exit")
+
+    def prefill():
+        events.append("run")
+        return len(events)
+
+    timing, last = paired_latency(prefill, Context, pairs=5, device=torch.device("cpu"), warmup=1)
+    assert events == ["enter", "run", "exit", "run"] * 6  # one untimed pair, then 5 timed pairs
+    assert len(timing.pruned_s) == len(timing.unpruned_s) == 5 and last == len(events) - 2
+    fixed = PairedLatency(pruned_s=[1.0, 2.0, 1.5, 9.0, 1.0], unpruned_s=[3.0, 3.0, 4.0, 2.0, 3.0])
+    assert fixed.pruned == 1.5 and fixed.unpruned == 3.0 and fixed.speedup == 2.0
+    assert fixed.unpruned_spread == pytest.approx((4.0 - 2.0) / 3.0)  # > 0.2: such a cell is flagged noisy
 
 
 def test_retention_and_matchers():

@@ -4,8 +4,8 @@
   with it (the way their papers' tables quote budgets), so every method at ``keep=0.11`` averages 11% of the
   visual tokens over the decoder layers. Before a cell is evaluated, one prefill checks that the method meets its
   budget; one that cannot (it prunes too late on a shallow decoder) is reported as unreachable, not run above it.
-- Latency is taken in pairs in one loop (pruned, unpruned, pruned, ...); the speed-up is the median of the
-  per-pair ratios, and a cell whose unpruned timings spread more than :data:`NOISY_SPREAD` is flagged.
+- Latency is taken in pairs in one loop (pruned, unpruned, pruned, ...); the speed-up is the unpruned median over
+  the pruned median of that loop, and a cell whose unpruned timings spread more than :data:`NOISY_SPREAD` is flagged.
 """
 
 from __future__ import annotations

@@ -152,7 +152,7 @@ COLUMNS = (
     "they keep every token before their layer and fewer after it, to the same average); *final tokens* = after the "
     "last stage; *retention* = mean over families of accuracy / unpruned accuracy; *FLOPs %* = decoder prefill "
     "FLOPs per sample (attention and MLP per layer, from the config and the real per-layer counts) against the "
-    "unpruned model; *speed-up* = median over at least 5 pairs of unpruned / pruned prefill time, the two timed "
+    "unpruned model; *speed-up* = median unpruned / median pruned prefill time over at least 5 pairs, timed "
     "alternately in one loop on the same batch (*noisy*: the unpruned timings of that cell spread more than 20%); "
     "*KV MB* = key/value cache bytes per sample after prefill. *unreachable*: the method cannot meet that "
     "layer-averaged budget on this model (it prunes too deep), so it was not run above it."

@@ -13,7 +13,7 @@ Per cell (:func:`tokensieve.bench.cell.evaluate_cell`): accuracy per family and 
 batched); retention (mean over families of accuracy / reference accuracy, %); visual tokens after the last stage
 and averaged over decoder layers, next to the budget; decoder prefill FLOPs from the Trace's per-layer counts
 (:func:`tokensieve.bench.metrics.prefill_flops`); prefill latency paired with unpruned timings in one loop, the
-speed-up as the median per-pair ratio; KV-cache bytes per sample; kept indices and answers of a few images.
+speed-up as the ratio of their medians; KV-cache bytes per sample; kept indices and answers of a few images.
 """
 
 from __future__ import annotations
