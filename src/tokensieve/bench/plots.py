@@ -4,6 +4,7 @@ with at most :data:`MAX_SERIES` methods, and the kept-token grids, one per stage
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..budget import Keep
@@ -124,3 +125,29 @@ def write_grids(rows: Sequence[dict], viz, keep: Keep, out_dir: Path, stem: str,
                      title=f"kept visual tokens, stage {label}, keep={keep!r} (dropped patches darkened)")  # fmt: skip
         paths.append(path)
     return paths
+
+
+@dataclass
+class VizData:
+    """Images of the picture grid, their labels and token layouts (``trace.images`` entries)."""
+
+    images: list
+    labels: list[str]
+    infos: list[dict]
+    family: str = ""
+
+
+def collect_viz(prepared, family: str = "") -> VizData:
+    """Token layouts of the grid images (``prepared``: a :class:`~tokensieve.bench.cell.Prepared`), from one
+    prefill under a keep-everything sieve."""
+    from ..sieve import sieve
+    from .cell import last_image
+
+    indices = prepared.latency.indices[: prepared.n_viz]
+    with sieve(prepared.model, "random", keep=1.0) as active:
+        prepared.prefill()
+    samples = [prepared.task.samples[i] for i in indices]
+    images = [s.image[-1] if isinstance(s.image, list) else s.image for s in samples]
+    labels = [f"[{s.family}] {s.question} -> {s.answer}" for s in samples]
+    infos = [active.trace.images[(b, last_image(active.trace, b))] for b in range(len(indices))]
+    return VizData(images=images, labels=labels, infos=infos, family=family)

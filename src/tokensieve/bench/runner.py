@@ -19,10 +19,8 @@ speed-up as the ratio of their medians; KV-cache bytes per sample; kept indices 
 from __future__ import annotations
 
 import datetime as _dt
-import json
-import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,16 +29,23 @@ from tqdm.auto import tqdm
 from ..adapters.base import get_adapter
 from ..budget import Keep, validate_keep
 from ..methods.base import list_methods, method_class
-from ..sieve import sieve
 from . import cell as _cell
-from .cell import REFERENCE, Prepared, UnreachableBudget, last_image
+from .cell import REFERENCE, Prepared, UnreachableBudget
 from .loaders import Task
-from .metrics import retention
 from .parallel import RunLock, World, current_world
+from .store import (  # noqa: F401  (re-exported: the run folder's names)
+    RESULTS_FILE,
+    RUN_FILE,
+    SHARDS_DIR,
+    append_row,
+    cell_key,
+    check_folder,
+    merge_shards,
+    read_rows,
+    saved_rows,
+    with_retention,
+)
 
-RESULTS_FILE = "results.jsonl"
-RUN_FILE = "run.json"
-SHARDS_DIR = "shards"
 DEFAULT_KEEPS: tuple[Keep, ...] = (1.0, 0.33, 0.22, 0.11, 0.05)
 MIN_PAIRS = 5
 
@@ -80,60 +85,8 @@ class BenchResult:
     report: Path | None = None
 
 
-def cell_key(method: str, keep: Keep) -> str:
-    """Stable id of a cell; ints (token counts) and floats (fractions) stay distinct (``64`` vs ``0.5``)."""
-    return f"{method}@{keep!r}"
-
-
 def is_reference(keep: Keep) -> bool:
     return isinstance(keep, float) and keep == 1.0
-
-
-def read_rows(path: Path) -> list[dict]:
-    """Rows of a results file; a torn last line (killed mid-write) is ignored, later rows win per cell."""
-    rows: dict[str, dict] = {}
-    if not path.exists():
-        return []
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict) and "cell" in row:
-                rows[row["cell"]] = row
-    return list(rows.values())
-
-
-def saved_rows(out_dir: Path) -> dict[str, dict]:
-    """Every finished cell of a run folder: ``results.jsonl`` and any shard a data-parallel run left behind."""
-    out_dir = Path(out_dir)
-    rows = {r["cell"]: r for r in read_rows(out_dir / RESULTS_FILE)}
-    for shard in sorted((out_dir / SHARDS_DIR).glob("rank*.jsonl")):
-        for row in read_rows(shard):
-            rows.setdefault(row["cell"], row)
-    return rows
-
-
-def append_row(path: Path, row: dict) -> None:
-    """Append one JSON line and push it to disk before returning."""
-    _close_torn_line(path)
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(row, sort_keys=False) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _close_torn_line(path: Path) -> None:
-    """A line torn by a kill must not swallow the next row."""
-    if path.exists() and path.stat().st_size:
-        with open(path, "rb+") as handle:
-            handle.seek(-1, os.SEEK_END)
-            if handle.read(1) != b"\n":
-                handle.write(b"\n")
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -154,47 +107,6 @@ def _fingerprint(task: Task, model_name: str) -> dict:
         "n_samples": len(task.samples),
         "families": list(dict.fromkeys(s.family for s in task.samples)),
     }
-
-
-def _check_folder(out_dir: Path, fingerprint: dict, config: BenchConfig) -> None:
-    """Rank 0, under the lock: the folder holds this run (or nothing); record the config; merge stale shards."""
-    run_file = out_dir / RUN_FILE
-    if run_file.exists():
-        previous = json.loads(run_file.read_text())
-        if previous.get("fingerprint") != fingerprint:
-            raise ValueError(
-                f"{out_dir} holds a run of {previous.get('fingerprint')}, not {fingerprint}; use another --out"
-            )
-    run_file.write_text(json.dumps({"fingerprint": fingerprint, "config": asdict(config)}, indent=2, default=str))
-    merge_shards(out_dir)
-
-
-def _with_retention(row: dict, reference: dict | None) -> dict:
-    if row.get("status") == "ok" and row.get("retention") is None:
-        if row["method"] == REFERENCE:
-            row["retention"] = 100.0
-        elif reference is not None and reference.get("status") == "ok":
-            row["retention"] = retention(row["accuracy"], reference["accuracy"])
-    return row
-
-
-def merge_shards(out_dir: Path) -> list[str]:
-    """Append the shard rows that ``results.jsonl`` lacks (retention filled in), then delete the shards."""
-    results, shards = out_dir / RESULTS_FILE, sorted((out_dir / SHARDS_DIR).glob("rank*.jsonl"))
-    done = {r["cell"]: r for r in read_rows(results)}
-    pending = [row for shard in shards for row in read_rows(shard) if row["cell"] not in done]
-    reference = done.get(cell_key(REFERENCE, 1.0)) or next((r for r in pending if r["method"] == REFERENCE), None)
-    merged = []
-    for row in pending:
-        if row["cell"] not in done:
-            append_row(results, _with_retention(row, reference))
-            done[row["cell"]] = row
-            merged.append(row["cell"])
-    for shard in shards:
-        shard.unlink()
-    if (out_dir / SHARDS_DIR).is_dir() and not any((out_dir / SHARDS_DIR).iterdir()):
-        (out_dir / SHARDS_DIR).rmdir()
-    return merged
 
 
 def _todo(done: dict[str, dict], methods: list[str], keeps: list[Keep], retry_errors: bool):
@@ -236,7 +148,7 @@ def _run_cells(prepared: Prepared, todo: list, sink: Path, done: dict, config: B
             before = bar.n
             row = _measure(prepared, method, keep, config, bar)
             row["rank"] = world.rank
-            append_row(sink, _with_retention(row, done.get(cell_key(REFERENCE, 1.0))))
+            append_row(sink, with_retention(row, done.get(cell_key(REFERENCE, 1.0))))
             done[row["cell"]] = row
             computed.append(row["cell"])
             bar.update(n - (bar.n - before))  # error cells advance the bar too
@@ -318,7 +230,7 @@ def run_bench(
 
 
 def _start(out_dir: Path, fingerprint: dict, config: BenchConfig, methods: list[str], keeps: list[Keep]):
-    _check_folder(out_dir, fingerprint, config)
+    check_folder(out_dir, fingerprint, config)
     return _todo(saved_rows(out_dir), methods, keeps, config.retry_errors)
 
 
@@ -347,29 +259,9 @@ def _run(model, processor, task, out_dir, config, world, todo, skipped, fingerpr
             if prepared is None:
                 prepared = Prepared(model, processor, task, config.batch_size, config.latency_batch, config.n_viz,
                                     eval_batches=False)  # fmt: skip
+            from .plots import collect_viz
+
             viz = collect_viz(prepared, family=get_adapter(model).family)
             result.report = write(out_dir, result.rows, task, viz=viz, viz_keep=config.viz_keep, meta=fingerprint)
     world.barrier()
     return result
-
-
-@dataclass
-class VizData:
-    """Images of the picture grid, their labels and token layouts (``trace.images`` entries)."""
-
-    images: list
-    labels: list[str]
-    infos: list[dict]
-    family: str = ""
-
-
-def collect_viz(prepared: Prepared, family: str = "") -> VizData:
-    """Token layouts of the picture-grid images, from one prefill under a keep-everything sieve."""
-    indices = prepared.latency.indices[: prepared.n_viz]
-    with sieve(prepared.model, "random", keep=1.0) as active:
-        prepared.prefill()
-    samples = [prepared.task.samples[i] for i in indices]
-    images = [s.image[-1] if isinstance(s.image, list) else s.image for s in samples]
-    labels = [f"[{s.family}] {s.question} -> {s.answer}" for s in samples]
-    infos = [active.trace.images[(b, last_image(active.trace, b))] for b in range(len(indices))]
-    return VizData(images=images, labels=labels, infos=infos, family=family)
