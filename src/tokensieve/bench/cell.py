@@ -224,6 +224,7 @@ def evaluate_cell(
         "ref_latency_s": timing.unpruned,
         "speedup": timing.speedup,
         "latency_pairs": len(timing.pruned_s),
+        "latency_times_s": {"pruned": timing.pruned_s, "unpruned": timing.unpruned_s},
         "ref_spread": timing.unpruned_spread,
         "latency_noisy": timing.unpruned_spread > NOISY_SPREAD,
         "kv_bytes": kv / len(prepared.latency.indices),

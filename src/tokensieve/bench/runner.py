@@ -161,7 +161,7 @@ def _on_rank0(world: World, fn, *args):
     if world.main:
         try:
             outcome = ("ok", fn(*args))
-        except (ValueError, RuntimeError, OSError) as error:
+        except Exception as error:  # noqa: BLE001 - shared with the other ranks, then raised everywhere
             outcome = ("error", error)
     outcome = world.broadcast(outcome)
     if outcome[0] == "error":
@@ -184,7 +184,7 @@ def hold_run_lock(out_dir: Path, world: World) -> RunLock | None:
         try:
             lock = take()
             outcome = None
-        except (RuntimeError, OSError) as error:
+        except Exception as error:  # noqa: BLE001 - shared with the other ranks, then raised everywhere
             outcome = error
     else:
         outcome = None
