@@ -161,6 +161,42 @@ def _viz_record(trace, prepared: Prepared, predictions: list[str], correct: list
     }
 
 
+@dataclass
+class _Answers:
+    predictions: list[str]
+    flops: list[float]
+    kept: list[int]
+    kept_avg: list[float]
+    targets: list[int]
+    seconds: float
+
+
+def _answer_all(prepared: Prepared, make_context: Callable, keep: Keep, batch_bar) -> _Answers:
+    """Greedy answers to every question under the context, and each sample's token counts and FLOPs."""
+    model, tokenizer = prepared.model, prepared.processor.tokenizer
+    out = _Answers([""] * len(prepared.task.samples), [], [], [], [], 0.0)
+    start = time.perf_counter()
+    with make_context() as active:
+        for batch in prepared.batches:
+            with torch.inference_mode():
+                output = model.generate(**batch.inputs, **prepared.generate_kwargs)
+            new = output[:, batch.inputs["input_ids"].shape[1] :]
+            for row, text in zip(batch.indices, tokenizer.batch_decode(new, skip_special_tokens=True), strict=True):
+                out.predictions[row] = " ".join(text.split())
+            trace = active.trace if active is not None else None
+            for b, (text_n, image_n) in enumerate(zip(batch.text_tokens, batch.image_tokens, strict=True)):
+                counts = tokens_per_layer(trace, b, text_n, image_n, prepared.shape.n_layers)
+                out.flops.append(prefill_flops(counts, prepared.shape))
+                final, average = kept_visual_tokens(trace, b, image_n)
+                out.kept.append(final)
+                out.kept_avg.append(average)
+                out.targets.append(budget_tokens(trace, b, keep) if trace is not None else image_n)
+            if batch_bar is not None:
+                batch_bar(len(batch.indices))
+    out.seconds = time.perf_counter() - start
+    return out
+
+
 def evaluate_cell(
     prepared: Prepared,
     method: str,
@@ -171,55 +207,38 @@ def evaluate_cell(
 ) -> dict:
     """Measure one cell (``method == "none"``: the plain model). Raises :class:`UnreachableBudget`, or whatever
     the method raises."""
-    model, task = prepared.model, prepared.task
-    tokenizer = prepared.processor.tokenizer
+    task = prepared.task
     kwargs = method_kwargs(method, average_budget)
 
     def make_context():
-        return contextlib.nullcontext(None) if method == REFERENCE else sieve(model, method, keep=keep, **kwargs)
+        if method == REFERENCE:
+            return contextlib.nullcontext(None)
+        return sieve(prepared.model, method, keep=keep, **kwargs)
 
     if method != REFERENCE:
         check_reachable(prepared, make_context, keep)
-    predictions: list[str] = [""] * len(task.samples)
-    flops, kept, kept_avg, targets = [], [], [], []
-    start = time.perf_counter()
-    with make_context() as active:
-        for batch in prepared.batches:
-            with torch.inference_mode():
-                output = model.generate(**batch.inputs, **prepared.generate_kwargs)
-            new = output[:, batch.inputs["input_ids"].shape[1] :]
-            for row, text in zip(batch.indices, tokenizer.batch_decode(new, skip_special_tokens=True), strict=True):
-                predictions[row] = " ".join(text.split())
-            trace = active.trace if active is not None else None
-            for b, (text_n, image_n) in enumerate(zip(batch.text_tokens, batch.image_tokens, strict=True)):
-                counts = tokens_per_layer(trace, b, text_n, image_n, prepared.shape.n_layers)
-                flops.append(prefill_flops(counts, prepared.shape))
-                final, average = kept_visual_tokens(trace, b, image_n)
-                kept.append(final)
-                kept_avg.append(average)
-                targets.append(budget_tokens(trace, b, keep) if trace is not None else image_n)
-            if batch_bar is not None:
-                batch_bar(len(batch.indices))
-    eval_s = time.perf_counter() - start
-    holder: dict = {}
+    answers = _answer_all(prepared, make_context, keep, batch_bar)
+    over = max((a - t for a, t in zip(answers.kept_avg, answers.targets, strict=True)), default=0.0)
+    if method != REFERENCE and over > BUDGET_SLACK:  # a sample outside the latency batch went over its budget
+        raise UnreachableBudget(f"exceeds its layer-averaged budget by up to {over:.1f} tokens on some samples")
+    contexts: list = []  # the last one's trace holds the latency batch's decisions (for the pictures)
 
-    def pruned_context():
-        holder["context"] = make_context()
-        return holder["context"]
+    def timed_context():
+        contexts.append(make_context())
+        return contexts[-1]
 
-    timing, output = paired_latency(prepared.prefill, pruned_context, pairs, prepared.device)
+    timing, output = paired_latency(prepared.prefill, timed_context, pairs, prepared.device)
     kv = cache_bytes(getattr(output, "cache", None) or getattr(output, "past_key_values", None))
-    last = holder["context"]
-    correct = [task.match(p, s.answer) for p, s in zip(predictions, task.samples, strict=True)]
-    n = len(flops)
+    correct = [task.match(p, s.answer) for p, s in zip(answers.predictions, task.samples, strict=True)]
+    n = len(answers.flops)
     return {
         "n": len(task.samples),
         "accuracy": family_accuracy([s.family for s in task.samples], correct, order=task.families),
-        "image_tokens": sum(b.image_tokens[i] for b in prepared.batches for i in range(len(b.indices))) / n,
-        "budget_tokens": sum(targets) / n,
-        "visual_tokens": sum(kept) / n,
-        "visual_tokens_layer_avg": sum(kept_avg) / n,
-        "flops": sum(flops) / n,
+        "image_tokens": sum(sum(b.image_tokens) for b in prepared.batches) / n,
+        "budget_tokens": sum(answers.targets) / n,
+        "visual_tokens": sum(answers.kept) / n,
+        "visual_tokens_layer_avg": sum(answers.kept_avg) / n,
+        "flops": sum(answers.flops) / n,
         "latency_s": timing.pruned,
         "ref_latency_s": timing.unpruned,
         "speedup": timing.speedup,
@@ -228,8 +247,8 @@ def evaluate_cell(
         "ref_spread": timing.unpruned_spread,
         "latency_noisy": timing.unpruned_spread > NOISY_SPREAD,
         "kv_bytes": kv / len(prepared.latency.indices),
-        "eval_s": eval_s,
+        "eval_s": answers.seconds,
         "kwargs": kwargs,
-        **_viz_record(getattr(last, "trace", None), prepared, predictions, correct),
-        "predictions_sample": predictions[:5],
+        **_viz_record(getattr(contexts[-1], "trace", None), prepared, answers.predictions, correct),
+        "predictions_sample": answers.predictions[:5],
     }
