@@ -138,6 +138,13 @@ def test_a_user_error_in_a_real_process_is_one_line(tmp_path):
     assert done.stderr.strip().splitlines() == [done.stderr.strip()] and "Traceback" not in done.stderr
 
 
+def test_world_size_without_a_launcher_is_one_line(capsys, tmp_path, monkeypatch, no_model):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    _one_line_error(capsys, ["bench", "--out", str(tmp_path / "run")], "WORLD_SIZE=2", "torchrun")
+
+
 def test_train_tiny_help_works(capsys):
     assert _run(["train-tiny", "--help"]) == 0
     assert "--out-dir" in capsys.readouterr().out

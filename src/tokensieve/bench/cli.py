@@ -192,12 +192,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.keep = parse_keeps(args.keep)
     config = _config(args)
     out = check_out_dir(args.out or Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    check_model_spec(args.model), check_device(args.device), check_dtype(args.dtype)
-    world = current_world()
+    check_model_spec(args.model)
+    check_device(args.device)
+    check_dtype(args.dtype)
+    try:
+        world = current_world()
+    except RuntimeError as error:
+        raise UsageError(str(error)) from None
     lock = hold_run_lock(out, world)  # a second run on this folder stops here, before its model loads
     total = 1 + len(config.methods) * sum(not is_reference(k) for k in config.keeps)
+    start = time.perf_counter()
     try:
-        start = time.perf_counter()
         try:
             task = load_task(args.task, limit=args.limit, data=args.data, split=args.split, image_dir=args.image_dir)
         except (OSError, ValueError) as error:
@@ -206,12 +211,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if world.main:
             print(f"bench: {name} on {task.name} ({len(task.samples)} questions), {len(config.methods)} methods x "
                   f"{list(config.keeps)} -> {out} ({world.size} process(es))", file=sys.stderr)  # fmt: skip
-        try:
-            result = run_bench(model, processor, task, out, config, model_name=name, world=world, locked=True)
-        except KeyboardInterrupt:
-            if world.main:
-                print(_resume_hint(out, total), file=sys.stderr)
-            return 130
+        result = run_bench(model, processor, task, out, config, model_name=name, world=world, locked=True)
+    except KeyboardInterrupt:
+        if world.main:
+            print(_resume_hint(out, total), file=sys.stderr)
+        return 130
     finally:
         if lock is not None:
             lock.release()

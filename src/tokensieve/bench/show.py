@@ -89,7 +89,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     methods = args.method if isinstance(args.method, list) else parse_methods(args.method, allow_none=True)
     check_image(args.image)
     out = check_out_file(args.out)
-    check_model_spec(args.model), check_device(args.device), check_dtype(args.dtype)
+    check_model_spec(args.model)
+    check_device(args.device)
+    check_dtype(args.dtype)
     method: str | list[str] = methods[0] if len(methods) == 1 else methods
     model, processor, name = load_model(args.model, args.device, args.dtype)
     with Image.open(args.image) as file:
