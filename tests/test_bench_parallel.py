@@ -70,6 +70,7 @@ def test_two_ranks_share_the_cells_and_resume(model_dir, tmp_path):
     assert {r["rank"] for r in rows} == {0, 1}  # both ranks computed cells
     assert not (out / SHARDS_DIR).exists() and (out / "report.md").exists()
     assert first.stdout.count("| none | - | 1.0 (ref) |") == 1  # only rank 0 prints the table
+    assert "5 cells computed, 0 resumed" in first.stdout
 
     # A previous run's rank 1 finished random@3 and was killed before the merge: its shard is resumed, not redone.
     (out / SHARDS_DIR).mkdir()

@@ -31,11 +31,27 @@ def stage_groups(rows: Sequence[dict], max_series: int = MAX_SERIES) -> list[tup
     groups = []
     for stage in sorted(methods, key=lambda s: (STAGE_ORDER.index(s) if s in STAGE_ORDER else 9, s)):
         names = sorted(methods[stage])
-        parts = [names[i : i + max_series] for i in range(0, len(names), max_series)]
+        size = -(-len(names) // -(-len(names) // max_series))  # equal parts, none above max_series
+        parts = [names[i : i + size] for i in range(0, len(names), size)]
         for i, part in enumerate(parts):
             label = f"{stage} ({i + 1}/{len(parts)})" if len(parts) > 1 else stage
             groups.append((label, part))
     return groups
+
+
+def _unmeasured_stages(rows: Sequence[dict]) -> dict[str, str]:
+    """Stages whose every cell is unreachable or an error, with a note saying so."""
+    measured = {r.get("stage") for r in rows if r.get("status") == "ok"}
+    notes: dict[str, dict[str, int]] = {}
+    for row in rows:
+        stage = row.get("stage", "?")
+        if row["method"] != REFERENCE and stage not in measured:
+            counts = notes.setdefault(stage, {"unreachable": 0, "error": 0})
+            counts[row.get("status", "error") if row.get("status") == "unreachable" else "error"] += 1
+    return {
+        stage: f"no measured cell:\n{c['unreachable']} unreachable budgets,\n{c['error']} errors\n(see report.md)"
+        for stage, c in notes.items()
+    }
 
 
 def _points(rows: Sequence[dict], method: str, x: str, reference: dict | None) -> list[tuple[float, float]]:
@@ -59,10 +75,17 @@ def plot_accuracy(rows: Sequence[dict], path: str | Path, x: str = "tokens", tit
     import matplotlib.pyplot as plt
 
     reference = next((r for r in rows if r["method"] == REFERENCE and r.get("status") == "ok"), None)
-    groups = stage_groups(rows) or [("(no cells)", [])]
+    groups: list = stage_groups(rows, MAX_SERIES - 1)  # room for the grey baseline
+    groups += [(stage, note) for stage, note in _unmeasured_stages(rows).items()]
+    groups = groups or [("(no cells)", [])]
     fig, axes = plt.subplots(1, len(groups), figsize=(4.6 * len(groups), 4.2), squeeze=False, sharey=True)
     colors, markers = matplotlib.colormaps["tab10"], "osD^v<>P"
     for ax, (label, methods) in zip(axes[0], groups, strict=True):
+        if isinstance(methods, str):  # a stage without a measured cell: say why instead of drawing nothing
+            ax.text(0.5, 0.5, methods, ha="center", va="center", fontsize=9, transform=ax.transAxes, wrap=True)
+            ax.set_title(f"stage: {label}", fontsize=10)
+            ax.set_xticks([])
+            continue
         baseline = _points(rows, BASELINE, x, reference)
         if baseline and BASELINE not in methods:
             ax.plot(*zip(*baseline, strict=True), color="0.6", ls=":", marker=".", label=f"{BASELINE} (baseline)")
@@ -122,7 +145,7 @@ def write_grids(rows: Sequence[dict], viz, keep: Keep, out_dir: Path, stem: str,
         name = label.replace(" (", "-").replace("/", "of").replace(")", "")
         path = out_dir / f"{stem}_{name}.png"
         picture_grid(viz.images, panels, path, row_labels=viz.labels, max_columns=max_columns,
-                     title=f"kept visual tokens, stage {label}, keep={keep!r} (dropped patches darkened)")  # fmt: skip
+                     title=f"kept visual tokens, stage {label}, keep={keep!r}\n(dropped patches darkened)")  # fmt: skip
         paths.append(path)
     return paths
 

@@ -251,7 +251,8 @@ def _run(model, processor, task, out_dir, config, world, todo, skipped, fingerpr
     rows: list[dict] = []
     result = BenchResult(out_dir=out_dir, rows=rows, computed=computed, skipped=skipped)
     if world.main:
-        result.computed += merge_shards(out_dir)  # the other ranks' cells of this run
+        merged = merge_shards(out_dir)  # every rank's cells of this run (rank 0's own shard included)
+        result.computed = list(dict.fromkeys(computed + merged))
         result.rows = read_rows(out_dir / RESULTS_FILE)
         if write_report:
             from .report import write_report as write
