@@ -32,7 +32,8 @@ def _budget_cells(cell: dict | None) -> list[str]:
 def _last_cells(cell: dict | None, reference: dict, families: list[str]) -> list[str]:
     if cell is None or cell["status"] != "ok":
         status = "-" if cell is None else cell["status"]
-        why = "" if cell is None else str(cell.get("error", "")).split("\n")[0][:90]
+        why = "" if cell is None else " ".join(str(cell.get("error", "")).split())
+        why = why.split(":")[0] if cell is not None and status == "unreachable" else why[:90]
         return [status, "-", why or "-"]
     flops = f"{100 * cell['flops'] / reference['flops']:.0f}%"
     speedup = f"{cell['speedup']:.2f}x" + (" (noisy)" if cell.get("latency_noisy") else "")
