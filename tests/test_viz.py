@@ -45,6 +45,8 @@ def test_panel_titles_say_method_stage_tokens_answer_and_right_or_wrong():
     assert color == "darkgreen"
     title, color = panel_title(_llm_row(), 1)
     assert '"blue" wrong' in title and color == "firebrick"
+    title, _ = panel_title(_llm_row(method="pdrop", stage_layers=[8, 16, 24]), 0)
+    assert "from layer 8; shown: layer 24+" in title
     title, _ = panel_title(_llm_row(method="divprune", stage="projector", stage_layers=[0]), 0)
     assert "divprune (projector)" in title and "from layer" not in title
 

@@ -103,7 +103,7 @@ def plot_accuracy(rows: Sequence[dict], path: str | Path, x: str = "tokens", tit
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
     axes[0][0].set_ylabel("mean accuracy (%)")
-    axes[0][0].set_ylim(0, 102)
+    axes[0][0].set_ylim(-3, 103)  # markers at 0% or 100% stay visible
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -118,7 +118,11 @@ def panel_title(row: dict, index: int) -> tuple[str, str]:
     tokens, the answer and whether it is right."""
     stage = row.get("stage", "?")
     layers = row.get("stage_layers") or []
-    where = f"llm, from layer {min(layers)}" if stage == "llm" and layers else stage
+    where = stage
+    if stage == "llm" and len(layers) == 1:
+        where = f"llm, from layer {layers[0]}"
+    elif stage == "llm" and layers:  # a schedule: the overlay shows what the last stage kept
+        where = f"llm, from layer {layers[0]}; shown: layer {layers[-1]}+"
     average = (row.get("viz_layer_avg") or [row.get("visual_tokens_layer_avg", 0.0)] * (index + 1))[index]
     answers, correct = row.get("viz_answers") or [], row.get("viz_correct") or []
     answer = answers[index] if index < len(answers) else "?"
