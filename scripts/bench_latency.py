@@ -7,22 +7,23 @@ and times, in one process, the unpruned model and several methods at a few budge
 - prefill: one forward pass of the prompt with ``use_cache=True`` (the vision tower included);
 - generate: ``generate(max_new_tokens=N)`` end to end.
 
-Every number is the median of ``--repeats`` runs after one warm-up; the speed-up is the unpruned median divided
-by the pruned median measured in the same run. Usage::
+Each row times the pruned and the unpruned model alternately in one loop (pruned, unpruned, pruned, ...) after
+one untimed pair; the speed-up is median(unpruned) / median(pruned) over ``--pairs`` pairs, and a row whose
+unpruned timings spread more than 20% is marked noisy. No speed-up compares timings taken minutes apart. Usage::
 
-    python scripts/bench_latency.py --layers 16 --hidden 1024 --repeats 5
+    python scripts/bench_latency.py --layers 16 --hidden 1024 --pairs 5
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 from transformers import LlavaForConditionalGeneration
 
 import tokensieve
+from tokensieve.bench.cell import NOISY_SPREAD
+from tokensieve.bench.metrics import paired_latency
 from tokensieve.testing import tiny_llava
 
 
@@ -57,16 +58,6 @@ def _value(text: str):
     return text
 
 
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=16)
@@ -74,7 +65,7 @@ def main() -> None:
     parser.add_argument("--vision-layers", type=int, default=4, help="CLIP-L has 24; fewer keeps the run short")
     parser.add_argument("--text-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--pairs", type=int, default=5, help="timing pairs (pruned, unpruned) per row, at least 5")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--attn", default="sdpa")
     parser.add_argument(
@@ -84,34 +75,40 @@ def main() -> None:
     )
     parser.add_argument("--keep", default="192,64")
     args = parser.parse_args()
+    if args.pairs < 5:
+        parser.error(f"--pairs {args.pairs}: a speed-up needs the median of at least 5 pairs")
     torch.set_num_threads(args.threads)
     model = build(args.layers, args.hidden, args.vision_layers, args.attn)
     inputs = inputs_for(model, args.text_tokens)
 
     def prefill():
         with torch.inference_mode():
-            model(**inputs, use_cache=True, logits_to_keep=1)
+            return model(**inputs, use_cache=True, logits_to_keep=1)
 
     def generate():
         with torch.inference_mode():
             model.generate(**inputs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
 
-    base_prefill = median_time(prefill, args.repeats)
-    base_generate = median_time(generate, max(1, args.repeats // 2))
+    device = next(model.parameters()).device
     print(
         f"LLaVA-shaped random model: vision {args.vision_layers} layers x 1024 (576 patches), LLM {args.layers} "
-        f"layers x {args.hidden}, prompt 576 + {args.text_tokens} tokens, {args.threads} threads, {args.attn}"
+        f"layers x {args.hidden}, prompt 576 + {args.text_tokens} tokens, {args.threads} threads, {args.attn}; "
+        f"every row: median of {args.pairs} pairs (pruned, unpruned) timed alternately"
     )
-    print(f"{'method':<22}{'keep':>6}{'prefill s':>12}{'speed-up':>10}{'generate s':>12}{'speed-up':>10}")
-    print(f"{'none':<22}{576:>6}{base_prefill:>12.3f}{1.0:>9.2f}x{base_generate:>12.3f}{1.0:>9.2f}x")
+    header = f"{'method':<22}{'keep':>6}{'prefill s':>11}{'unpruned':>10}{'speed-up':>10}{'generate s':>12}"
+    print(header + f"{'unpruned':>10}{'speed-up':>10}  note")
     for spec in args.methods.split(","):
         name, *options = spec.split(":")
         kwargs = {key: _value(value) for key, value in (option.split("=", 1) for option in options)}
         for keep in (int(k) for k in args.keep.split(",")):
-            with tokensieve.sieve(model, name, keep=keep, **kwargs):
-                p = median_time(prefill, args.repeats)
-                g = median_time(generate, max(1, args.repeats // 2))
-            print(f"{spec:<22}{keep:>6}{p:>12.3f}{base_prefill / p:>9.2f}x{g:>12.3f}{base_generate / g:>9.2f}x")
+            def context(name=name, keep=keep, kwargs=kwargs):
+                return tokensieve.sieve(model, name, keep=keep, **kwargs)
+
+            p, _ = paired_latency(prefill, context, args.pairs, device)
+            g, _ = paired_latency(generate, context, args.pairs, device)
+            noisy = max(p.unpruned_spread, g.unpruned_spread) > NOISY_SPREAD
+            print(f"{spec:<22}{keep:>6}{p.pruned:>11.3f}{p.unpruned:>10.3f}{p.speedup:>9.2f}x{g.pruned:>12.3f}"
+                  f"{g.unpruned:>10.3f}{g.speedup:>9.2f}x  {'noisy (unpruned spread > 20%)' if noisy else ''}")
 
 
 if __name__ == "__main__":

@@ -13,25 +13,31 @@ import torch
 from PIL import Image
 
 import tokensieve
-from tokensieve.bench import runner as bench_runner
+from tokensieve.bench import cell as bench_cell
 from tokensieve.bench.cli import main as bench_main
 from tokensieve.bench.cli import parse_keep
 from tokensieve.bench.loaders import load_task
 from tokensieve.bench.metrics import (
+    DecoderShape,
+    PairedLatency,
     cache_bytes,
+    layer_flops,
+    paired_latency,
     prefill_flops,
     retention,
     tokens_per_layer,
     vqa_match,
     yes_no_match,
 )
-from tokensieve.bench.report import PICTURE_GRID, PLOT_SPEEDUP, PLOT_TOKENS, REPORT_FILE
+from tokensieve.bench.report import PLOT_FLOPS, PLOT_SPEEDUP, PLOT_TOKENS, REPORT_FILE
 from tokensieve.bench.runner import RESULTS_FILE, BenchConfig, read_rows, run_bench
 from tokensieve.testing import random_image, tiny_llava, tiny_llava_next, tiny_qwen2_5_vl
 from tokensieve.trace import StageRecord, Trace
 from tokensieve.viz import overlay, tile_layout
 
-METHODS = ["random", "divprune", "catp_llm"]  # catp_llm needs >= 4 decoder layers: an error row on 3 layers
+# catp_llm needs >= 4 decoder layers: an error row on 3 layers; fastv prunes from layer 2 of 3, so a layer-averaged
+# budget of 8 or 4 of 16 tokens is out of its reach (at best (2 * 16 + 1) / 3 = 11): unreachable rows.
+METHODS = ["random", "divprune", "catp_llm", "fastv"]
 KEEPS = (1.0, 0.5, 0.25)
 
 
@@ -41,7 +47,7 @@ def tiny():
 
 
 def _config(**kw) -> BenchConfig:
-    base = dict(methods=METHODS, keeps=KEEPS, batch_size=8, repeats=1, latency_batch=4, n_viz=3, progress=False)
+    base = dict(methods=METHODS, keeps=KEEPS, batch_size=8, latency_batch=4, n_viz=3, progress=False)
     base.update(kw)
     return BenchConfig(**base)
 
@@ -50,10 +56,22 @@ def _config(**kw) -> BenchConfig:
 
 
 def test_prefill_flops_hand_example():
-    # layer 1: n=10: 4*10*16 + 2*100*4 + 3*10*4*8 = 640 + 800 + 960 = 2400
-    # layer 2: n=5:  4*5*16  + 2*25*4  + 3*5*4*8  = 320 + 200 + 480 = 1000
-    assert prefill_flops([10, 5], d=4, m=8) == 3400.0
-    assert prefill_flops([], d=4, m=8) == 0.0
+    # d=4, 2 heads of 2 (q width 4), 1 kv head (kv width 2), m=8, gated: per layer with n tokens
+    # projections 2*2*n*4*4 + 2*2*n*4*2 = 96n, scores + weighted sum 2*2*n*n*4 = 16n^2, MLP 3*2*n*4*8 = 192n
+    shape = DecoderShape(n_layers=2, hidden=4, heads=2, kv_heads=1, head_dim=2, intermediate=8, gated=True)
+    assert layer_flops(10, shape) == (960.0 + 1600.0, 1920.0)
+    assert prefill_flops([10, 5], shape) == (960 + 1600 + 1920) + (480 + 400 + 960)
+    assert prefill_flops([], shape) == 0.0
+    plain = DecoderShape(n_layers=1, hidden=4, heads=2, kv_heads=2, head_dim=2, intermediate=8, gated=False)
+    assert layer_flops(1, plain) == (2 * 2 * 4 * 4 + 2 * 2 * 4 * 4 + 2 * 2 * 4, 2 * 2 * 4 * 8)
+
+
+def test_decoder_shape_reads_the_config(tiny):
+    model, _ = tiny
+    shape = DecoderShape.from_model(model)
+    cfg = model.config.text_config
+    assert (shape.n_layers, shape.hidden, shape.intermediate) == (3, cfg.hidden_size, cfg.intermediate_size)
+    assert shape.gated and shape.heads * shape.head_dim == cfg.hidden_size
 
 
 def test_tokens_per_layer_uses_the_trace_counts():
@@ -65,6 +83,28 @@ def test_tokens_per_layer_uses_the_trace_counts():
     assert tokens_per_layer(trace, 0, text_tokens=6, n_images_tokens=8, n_layers=4) == [14, 14, 9, 9]
     assert tokens_per_layer(trace, 1, text_tokens=6, n_images_tokens=8, n_layers=4) == [14, 14, 11, 11]
     assert tokens_per_layer(None, 0, text_tokens=6, n_images_tokens=8, n_layers=2) == [14, 14]
+
+
+def test_paired_latency_alternates_pruned_and_unpruned():
+    events = []
+
+    class Context:
+        def __enter__(self):
+            events.append("enter")
+
+        def __exit__(self, *exc):
+            events.append("exit")
+
+    def prefill():
+        events.append("run")
+        return len(events)
+
+    timing, last = paired_latency(prefill, Context, pairs=5, device=torch.device("cpu"), warmup=1)
+    assert events == ["enter", "run", "exit", "run"] * 6  # one untimed pair, then 5 timed pairs
+    assert len(timing.pruned_s) == len(timing.unpruned_s) == 5 and last == len(events) - 2
+    fixed = PairedLatency(pruned_s=[1.0, 2.0, 1.5, 9.0, 1.0], unpruned_s=[3.0, 3.0, 4.0, 2.0, 3.0])
+    assert fixed.pruned == 1.5 and fixed.unpruned == 3.0 and fixed.speedup == 2.0
+    assert fixed.unpruned_spread == pytest.approx((4.0 - 2.0) / 3.0)  # > 0.2: such a cell is flagged noisy
 
 
 def test_retention_and_matchers():
@@ -98,7 +138,7 @@ def bench_run(tiny, tmp_path_factory):
     model, proc = tiny
     task = load_task("synthetic", limit=2)  # 10 questions
     out = tmp_path_factory.mktemp("run")
-    original = bench_runner.evaluate_cell
+    original = bench_cell.evaluate_cell
     calls = []
 
     def interrupted(*args, **kwargs):
@@ -107,12 +147,12 @@ def bench_run(tiny, tmp_path_factory):
             raise KeyboardInterrupt  # the user hits Ctrl-C during the 4th cell
         return original(*args, **kwargs)
 
-    bench_runner.evaluate_cell = interrupted
+    bench_cell.evaluate_cell = interrupted
     try:
         with pytest.raises(KeyboardInterrupt):
             run_bench(model, proc, task, out, _config(), model_name="tiny")
     finally:
-        bench_runner.evaluate_cell = original
+        bench_cell.evaluate_cell = original
     first_lines = (out / RESULTS_FILE).read_text().splitlines()
     with open(out / RESULTS_FILE, "a") as handle:  # a line torn by a kill
         handle.write('{"cell": "random@0.')
@@ -123,11 +163,11 @@ def bench_run(tiny, tmp_path_factory):
         resumed.append(args[1:3])
         return original(*args, **kwargs)
 
-    bench_runner.evaluate_cell = counting
+    bench_cell.evaluate_cell = counting
     try:
         result = run_bench(model, proc, task, out, _config(), model_name="tiny")
     finally:
-        bench_runner.evaluate_cell = original
+        bench_cell.evaluate_cell = original
     return out, first_lines, result, resumed
 
 
@@ -143,21 +183,29 @@ def test_runner_writes_one_line_per_cell_and_resumes(bench_run):
         ("divprune", 0.25),
         ("catp_llm", 0.5),
         ("catp_llm", 0.25),
+        ("fastv", 0.5),
+        ("fastv", 0.25),
     ]
     rows = {r["cell"]: r for r in read_rows(out / RESULTS_FILE)}
-    assert len(rows) == 7
+    assert len(rows) == 9
     ref = rows["none@1.0"]
-    assert ref["status"] == "ok" and ref["visual_tokens"] == 16 and ref["speedup"] == pytest.approx(1.0)
+    assert ref["status"] == "ok" and ref["visual_tokens"] == 16 and ref["speedup"] > 0
     half = rows["divprune@0.5"]
     assert half["status"] == "ok" and half["visual_tokens"] == 8
     assert half["flops"] < ref["flops"] and half["kv_bytes"] < ref["kv_bytes"]
     assert set(half["accuracy"]) == {"color", "exist", "count", "position", "read", "mean"}
     assert half["retention"] is None or half["retention"] >= 0
     assert rows["catp_llm@0.25"]["status"] == "error" and "decoder layers" in rows["catp_llm@0.25"]["error"]
+    fastv = rows["fastv@0.25"]
+    assert fastv["status"] == "unreachable" and "from layer 2" in fastv["error"] and "accuracy" not in fastv
+    for row in rows.values():  # every measured cell meets its layer-averaged budget
+        if row["status"] == "ok":
+            assert row["visual_tokens_layer_avg"] <= row["budget_tokens"] + 0.5
+            assert row["latency_pairs"] >= 5 and isinstance(row["latency_noisy"], bool)
     # A third run has nothing left to do.
     again = run_bench(*tiny_llava(layers=3), load_task("synthetic", limit=2), out, _config(), model_name="tiny",
                       write_report=False)  # fmt: skip
-    assert again.computed == [] and len(again.skipped) == 7
+    assert again.computed == [] and len(again.skipped) == 9
 
 
 def test_resume_refuses_a_different_run(tiny, bench_run):
@@ -170,22 +218,41 @@ def test_report_has_the_table_plots_and_picture_grid(bench_run):
     out, _, result, _ = bench_run
     report = (out / REPORT_FILE).read_text()
     assert result.report == out / REPORT_FILE
-    assert "| method | keep | tokens | layer-avg tokens | mean % | retention % | speed-up |" in report
+    header = "| method | stage | keep | budget tokens | layer-avg tokens | final tokens | mean % | retention % | FLOPs"
+    assert header in report
     assert "color %" in report and "read %" in report
     for cell in (
-        "| none | 1.0 (ref) |",
-        "| divprune | 0.5 |",
-        "| random | 0.25 |",
-        "| catp_llm | 0.25 | - | - | error",
+        "| none | - | 1.0 (ref) |",
+        "| divprune | projector | 0.5 | 8.00 | 8.00 | 8.00 |",
+        "| random | projector | 0.25 |",
+        "| catp_llm | llm | 0.25 | - | - | - | error",
+        "| fastv | llm | 0.5 | - | - | - | unreachable",
     ):
         assert cell in report
-    assert "## Errors" in report
-    for name in (PLOT_TOKENS, PLOT_SPEEDUP, PICTURE_GRID):
-        path = out / name
-        assert path.exists() and path.stat().st_size > 5_000, name
+    assert "## Errors" in report and "## Unreachable budgets" in report
+    grids = sorted(out.glob("kept_tokens_*.png"))
+    assert [p.name for p in grids] == ["kept_tokens_projector.png"]  # fastv and catp_llm have no ok cell
+    for path in [out / PLOT_TOKENS, out / PLOT_FLOPS, out / PLOT_SPEEDUP, *grids]:
+        assert path.exists() and path.stat().st_size > 5_000, path
         with Image.open(path) as image:
             pixels = np.asarray(image.convert("L"))
-        assert pixels.std() > 5, name  # not a blank canvas
+        assert pixels.std() > 5, path  # not a blank canvas
+
+
+def test_in_llm_methods_meet_the_layer_averaged_budget(tmp_path):
+    model, proc = tiny_llava(layers=8)
+    config = _config(methods=["fastv", "pdrop"], keeps=(1.0, 0.5))
+    result = run_bench(model, proc, load_task("synthetic", limit=1), tmp_path, config, model_name="tiny8",
+                       write_report=False)  # fmt: skip
+    rows = {r["cell"]: r for r in result.rows}
+    for name in ("fastv@0.5", "pdrop@0.5"):
+        row = rows[name]
+        assert row["status"] == "ok" and row["kwargs"] == {"average_budget": True}, row.get("error")
+        assert row["budget_tokens"] == 8 and 7.0 <= row["visual_tokens_layer_avg"] <= 8.0
+        assert row["visual_tokens"] < 8  # fewer than the budget after the layer, all of them before it
+        assert row["flops"] < rows["none@1.0"]["flops"]
+    # fastv keeps 16 tokens in layers 0-1 and s after: (2 * 16 + 6 s) / 8 <= 8 gives s = 5
+    assert rows["fastv@0.5"]["visual_tokens"] == 5 and rows["fastv@0.5"]["stage_layers"] == [2]
 
 
 # ---------------------------------------------------------------------------------------------- loaders
@@ -276,24 +343,6 @@ def test_overlay_darkens_dropped_patches_on_next_and_qwen(build):
     assert 0.15 < darker < 0.85  # roughly the dropped half is darkened, the rest untouched
 
 
-def test_show_writes_an_overlay(tmp_path, tiny):
-    model, proc = tiny
-    folder = tmp_path / "model"
-    model.save_pretrained(folder)
-    proc.save_pretrained(folder)
-    image_path = tmp_path / "img.png"
-    random_image(5, (56, 56)).save(image_path)
-    out = tmp_path / "overlay.png"
-    argv = ["show", str(image_path), "what is the color ?", "--method", "divprune", "--keep", "4",
-            "--model", str(folder), "--device", "cpu", "--out", str(out), "--max-new-tokens", "2"]  # fmt: skip
-    assert bench_main(argv) == 0
-    with Image.open(out) as overlay_image:
-        pixels = np.asarray(overlay_image.convert("RGB"), dtype=float)
-    original = np.asarray(Image.open(image_path).resize(overlay_image.size, Image.NEAREST), dtype=float)
-    darker = (pixels.sum(-1) < original.sum(-1) - 1).mean()
-    assert 0.6 < darker < 0.9  # 12 of 16 patches dropped
-
-
 def test_bench_cli_standalone(tmp_path, tiny, capsys):
     model, proc = tiny
     folder = tmp_path / "model"
@@ -301,9 +350,10 @@ def test_bench_cli_standalone(tmp_path, tiny, capsys):
     proc.save_pretrained(folder)
     out = tmp_path / "run"
     argv = ["bench", "--model", str(folder), "--device", "cpu", "--limit", "1", "--methods", "random,pool",
-            "--keep", "1.0,4", "--repeats", "1", "--out", str(out), "--no-progress"]  # fmt: skip
+            "--keep", "1.0,4", "--out", str(out), "--no-progress"]  # fmt: skip
     assert bench_main(argv) == 0
     printed = capsys.readouterr().out
-    assert "| random | 4 |" in printed and "| pool | 4 |" in printed and "| none | 1.0 (ref) |" in printed
+    assert "| random | projector | 4 |" in printed and "| pool | projector | 4 |" in printed
+    assert "| none | - | 1.0 (ref) |" in printed
     assert len(read_rows(out / RESULTS_FILE)) == 3
     assert parse_keep("64") == 64 and parse_keep("0.11") == 0.11 and isinstance(parse_keep("1.0"), float)

@@ -40,7 +40,9 @@ def _cmd_train_tiny(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from .bench.usage import OneLineParser
+
+    parser = OneLineParser(
         prog="tokensieve",
         description="Training-free visual-token pruning for HuggingFace VLMs: ZOO-Prune and its peers, one API.",
     )
@@ -58,26 +60,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_cmd_train_tiny)
 
-    try:
-        from .bench.cli import add_bench_parser, add_show_parser
-    except ImportError:  # the benchmark extras are optional at import time
-        pass
-    else:
-        add_bench_parser(sub)
-        add_show_parser(sub)
-    try:
-        from .horizon import add_horizon_parser
-    except ImportError:
-        pass
-    else:
-        add_horizon_parser(sub)
+    from .bench.cli import add_bench_parser
+    from .bench.show import add_show_parser
+    from .horizon import add_horizon_parser
+
+    add_bench_parser(sub)
+    add_show_parser(sub)
+    add_horizon_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; a user error prints one line (problem and fix) and returns 2."""
+    import sys
+
+    from .bench.cli import USER_ERRORS
+    from .bench.usage import report
+
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    if argv[:1] == ["train-tiny"]:  # everything after it, --help included, belongs to the training script
+        args = argparse.Namespace(func=_cmd_train_tiny, rest=argv[1:])
+    else:
+        args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as error:
+        return report(parser.prog, error)
 
 
 if __name__ == "__main__":

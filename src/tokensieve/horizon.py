@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from .adapters.base import get_adapter
 from .context import LLMContext
+from .horizon_plot import describe_horizon, layer_information, plot_information, token_grid  # noqa: F401
 from .methods.base import LLMMethod
 from .sieve import sieve
 
@@ -134,11 +134,6 @@ def token_information(
     return info
 
 
-def layer_information(info: torch.Tensor) -> torch.Tensor:
-    """Mean absolute information per layer, [n_layers]."""
-    return info.abs().float().mean(1)
-
-
 def information_horizon(info: torch.Tensor, threshold: float = 1e-3, layers: Sequence[int] | None = None) -> int:
     """The information horizon: the first layer from which the mean |information| stays below ``threshold``.
 
@@ -157,93 +152,60 @@ def information_horizon(info: torch.Tensor, threshold: float = 1e-3, layers: Seq
     return horizon
 
 
-def plot_information(
-    info: torch.Tensor,
-    path: str | Path,
-    layers: Sequence[int] | None = None,
-    horizon: int | None = None,
-    title: str | None = None,
-) -> Path:
-    """Save a PNG: heatmap of information [layer x token] and the mean |information| per layer."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    layers = list(range(info.shape[0])) if layers is None else list(layers)
-    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [2, 1]})
-    lim = float(info.abs().max()) or 1.0
-    im = ax0.imshow(info.numpy(), aspect="auto", cmap="coolwarm", vmin=-lim, vmax=lim, interpolation="nearest")
-    ax0.set_yticks(range(len(layers)), [str(x) for x in layers])
-    ax0.set_xlabel("visual token")
-    ax0.set_ylabel("decoder layer (removed from here on)")
-    fig.colorbar(im, ax=ax0, label="p(answer) - p(answer | token removed)")
-    ax1.plot(layers, layer_information(info).numpy(), marker="o")
-    ax1.set_xlabel("decoder layer")
-    ax1.set_ylabel("mean |information|")
-    if horizon is not None:
-        ax1.axvline(horizon, color="k", linestyle="--", label=f"horizon = {horizon}")
-        ax1.legend()
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 # ----- command line -----------------------------------------------------------------------------------------------
 def load_model(path: str | None = None):
     """(model, processor, prompt builder): a local HF checkpoint, or the embedded model when ``path`` is None."""
-    if path is None:
-        from .embedded.build import EMBEDDED_DIR, load_embedded
-        from .embedded.synthetic import IMAGE_TOKEN, turn_text
+    from .bench.cli import load_model as load
+    from .bench.loaders import Task, build_prompt
+    from .bench.metrics import exact_match
+    from .embedded.synthetic import Sample
 
-        if not (EMBEDDED_DIR / "config.json").exists() or not any(EMBEDDED_DIR.glob("*.safetensors")):
-            raise FileNotFoundError(
-                f"the embedded model's weights are not in {EMBEDDED_DIR}; train them with `tokensieve train-tiny` "
-                f"or pass --model PATH to a local LLaVA / LLaVA-NeXT / Qwen2-VL checkpoint"
-            )
-        model, processor = load_embedded()
-        return model, processor, lambda question: f"{IMAGE_TOKEN} {turn_text(question)}"
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    model, processor, _ = load(path, device="cpu")
+    task = Task(name="horizon", samples=[], match=exact_match, max_new_tokens=1)
 
-    model = AutoModelForImageTextToText.from_pretrained(path).eval()
-    processor = AutoProcessor.from_pretrained(path)
+    def prompt(question: str) -> str:
+        sample = Sample(image=None, question=question, answer="", family="horizon", relevant_tokens=[])
+        return build_prompt(processor, sample, task)
 
-    def build_prompt(question: str) -> str:
-        image_token = getattr(processor, "image_token", "<image>")
-        if image_token in question:
-            return question
-        if getattr(processor, "chat_template", None):
-            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-            return processor.apply_chat_template(messages, add_generation_prompt=True)
-        return f"{image_token} {question}"
+    return model, processor, prompt
 
-    return model, processor, build_prompt
+
+def image_layout(model, inputs: dict, sample: int = 0, image: int = 0) -> dict:
+    """The token layout (``trace.images`` entry) of one image, from a keep-everything pass."""
+    with sieve(model, Drop(layer=0)) as s, torch.no_grad():
+        model(**inputs)
+    return s.trace.images[(sample, image)]
 
 
 def _cmd_horizon(args: argparse.Namespace) -> int:
     from PIL import Image
 
+    from .bench.usage import check_image, check_model_spec, check_out_file
+
+    check_image(args.image)
+    check_out_file(args.out)
+    check_model_spec(args.model)
     model, processor, build_prompt = load_model(args.model)
     image = Image.open(args.image).convert("RGB")
     inputs = processor(images=[image], text=[build_prompt(args.question)], return_tensors="pt")
     dtype = next(model.parameters()).dtype
     inputs = {k: (v.to(dtype) if k == "pixel_values" else v) for k, v in inputs.items()}
     info = token_information(model, inputs, batch_size=args.batch_size)
+    layers = list(range(info.shape[0]))
     horizon = information_horizon(info, threshold=args.threshold)
     for layer, value in enumerate(layer_information(info).tolist()):
         print(f"layer {layer:3d}  mean |information| {value:.6f}")
-    print(f"information horizon (threshold {args.threshold:g}): layer {horizon}")
-    plot_information(info, args.out, horizon=horizon, title=args.question)
+    print(f"information horizon (threshold {args.threshold:g}): {describe_horizon(horizon, layers, args.threshold)}")
+    plot_information(info, args.out, horizon=horizon, title=args.question, layout=image_layout(model, inputs),
+                     threshold=args.threshold, image=image)  # fmt: skip
     print(f"plot saved to {args.out}")
     return 0
 
 
 def add_horizon_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``tokensieve horizon IMAGE "question" [--model PATH] [--out plot.png]`` to the CLI."""
+    from .bench.usage import positive_int
+
     p = subparsers.add_parser(
         "horizon",
         help="per-layer information of each visual token and the information horizon (arXiv 2512.07580)",
@@ -253,6 +215,6 @@ def add_horizon_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="local HF checkpoint (default: the embedded model)")
     p.add_argument("--out", default="horizon.png", help="where to save the plot (PNG)")
     p.add_argument("--threshold", type=float, default=1e-3, help="mean |information| below which a layer is quiet")
-    p.add_argument("--batch-size", type=int, default=None, help="prompt copies per forward (default: all tokens)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="prompt copies per forward (default: all)")
     p.set_defaults(func=_cmd_horizon)
     return p

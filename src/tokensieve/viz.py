@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -140,45 +141,78 @@ def overlay(
     return out
 
 
+@dataclass
+class Panel:
+    """One kept-token overlay of a grid: its title (and title colour), kept indices (``None``: all), layout."""
+
+    title: str
+    color: str
+    kept: Sequence[int] | None
+    info: dict
+
+
 def picture_grid(
     images: Sequence[Image.Image],
-    columns: dict[str, Sequence[tuple[Sequence[int] | None, dict]]],
+    panels: Sequence[Sequence[Panel]],
     path: str | Path,
     row_labels: Sequence[str] | None = None,
     title: str = "",
     view: str = "auto",
+    max_columns: int = 8,
 ) -> Path:
-    """One row per image, one column per method: the original, then each method's kept-token overlay.
+    """Per image: the original, then its panels, wrapped into rows of at most ``max_columns`` columns.
 
-    ``columns``: column title -> per image ``(kept indices or None for all, trace image info)``. Written as PNG
-    with matplotlib's Agg backend (no display needed).
+    ``panels[i]``: the overlays of image ``i``. Written as PNG with matplotlib's Agg backend.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n_rows, n_cols = len(images), 1 + len(columns)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.9 * n_cols, 2.1 * n_rows + 0.4), squeeze=False)
-    for r, image in enumerate(images):
-        ax = axes[r][0]
-        ax.imshow(image)
-        if row_labels:
-            ax.set_title(_wrap(row_labels[r], 26), fontsize=6)
-        for c, (name, per_image) in enumerate(columns.items(), start=1):
-            kept, info = per_image[r]
+    per_image = [[None, *row] for row in panels]  # None: the original image
+    n_cols = min(max_columns, max(len(row) for row in per_image))
+    layout = [(i, row[j : j + n_cols]) for i, row in enumerate(per_image) for j in range(0, len(row), n_cols)]
+    fig, axes = plt.subplots(len(layout), n_cols, figsize=(2.0 * n_cols, 2.45 * len(layout) + 0.5), squeeze=False)
+    for r, (i, row) in enumerate(layout):
+        for c in range(n_cols):
             ax = axes[r][c]
-            ax.imshow(overlay(image, kept, info, view=view))
-            n_kept = int(info["n_tokens"]) if kept is None else len(kept)
-            ax.set_title(f"{name}\n{n_kept}/{info['n_tokens']}", fontsize=7)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c >= len(row):
+                ax.axis("off")
+            elif row[c] is None:
+                ax.imshow(images[i])
+                ax.set_title(_wrap(row_labels[i], 24) if row_labels else "original", fontsize=7)
+            else:
+                panel = row[c]
+                ax.imshow(overlay(images[i], panel.kept, panel.info, view=view))
+                ax.set_title(panel.title, fontsize=7, color=panel.color)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def save_overlay(image: Image.Image, kept, info: dict, path: str | Path, title: str, view: str = "auto") -> Path:
+    """The overlay of :func:`overlay` as a PNG with a title above it (method, keep, question, answer)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    picture = overlay(image, kept, info, view=view)
+    width = max(4.0, picture.width / 100)
+    lines = title.count("\n") + 1
+    fig = plt.figure(figsize=(width, width * picture.height / picture.width + 0.18 * lines + 0.12))
+    ax = fig.add_axes((0, 0, 1, 1 - (0.18 * lines + 0.12) / fig.get_figheight()))
+    ax.imshow(picture)
+    ax.axis("off")
+    fig.suptitle(title, fontsize=9, y=0.995, va="top")
+    path = Path(path)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 

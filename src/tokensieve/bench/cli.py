@@ -12,71 +12,105 @@ import sys
 import time
 from pathlib import Path
 
-from ..budget import Keep, validate_keep
+from ..budget import BudgetError, Keep, validate_keep
+from ..methods.base import MethodError
+from .parallel import RunLocked, current_world
+from .runner import MIN_PAIRS, RESULTS_FILE, BenchConfig, hold_run_lock, is_reference, run_bench, saved_rows
+from .usage import (
+    OneLineParser,
+    UsageError,
+    at_least,
+    check_device,
+    check_dtype,
+    check_model_spec,
+    check_out_dir,
+    positive_int,
+    report,
+)
 
 # The default run (embedded model, all methods, 5 budgets: ~85 cells) has to finish, set-up included, in ~10 minutes
 # on 2 CPU cores; on a quiet machine 25 per family took 2m11s in all, so 60 per family (300 questions per cell) fits.
 DEFAULT_LIMIT = 60
 DEFAULT_KEEPS = "1.0,0.33,0.22,0.11,0.05"
+USER_ERRORS = (UsageError, RunLocked, BudgetError, MethodError)
 
 
 def parse_keep(text: str) -> Keep:
     """``"64"`` -> 64 tokens, ``"0.11"`` -> a fraction (the budget vocabulary of :mod:`tokensieve.budget`)."""
     text = text.strip()
     try:
-        value: Keep = int(text)
-    except ValueError:
-        value = float(text)
-    return validate_keep(value)
+        try:
+            value: Keep = int(text)
+        except ValueError:
+            value = float(text)
+        return validate_keep(value)
+    except (ValueError, BudgetError) as error:
+        message = str(error) if isinstance(error, BudgetError) else f"{text!r} is not a number"
+        raise argparse.ArgumentTypeError(f"{message}; pass e.g. 64 (tokens) or 0.11 (a fraction)") from None
 
 
 def parse_keeps(text: str) -> list[Keep]:
-    return [parse_keep(part) for part in text.split(",") if part.strip()]
+    keeps = [parse_keep(part) for part in text.split(",") if part.strip()]
+    if not keeps:
+        raise argparse.ArgumentTypeError("no budget given; pass e.g. 1.0,0.22,0.11")
+    return keeps
 
 
-def parse_methods(text: str | None) -> list[str]:
+def parse_methods(text: str | None, allow_none: bool = False) -> list[str]:
     """Comma-separated method names; ``all`` (or nothing) means every registered method."""
-    from ..methods.base import list_methods, method_class
+    from ..methods.base import MethodError, list_methods, method_class
 
     if not text or text.strip().lower() == "all":
         return list_methods()
     names = [part.strip().lower().replace("-", "_") for part in text.split(",") if part.strip()]
     for name in names:
-        method_class(name)  # unknown names fail before the model loads
+        if allow_none and name == "none" and len(names) == 1:
+            continue
+        try:
+            method_class(name)  # unknown names fail before the model loads
+        except MethodError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
     return names
 
 
 def default_device() -> str:
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    from .parallel import local_device_index
+
+    return f"cuda:{local_device_index()}" if torch.cuda.is_available() else "cpu"
 
 
 def load_model(spec: str | None = None, device: str | None = None, dtype: str | None = None):
-    """``(model, processor, name)``: the embedded model by default, else any HF VLM id or local path."""
+    """``(model, processor, name)``: the embedded model by default, else any HF VLM id or local path.
+
+    Arguments are checked first (:mod:`tokensieve.bench.usage`); a model that fails to load is a
+    :class:`~tokensieve.bench.usage.UsageError`."""
     import torch
 
-    device = device or default_device()
-    if dtype:
-        torch_dtype = getattr(torch, dtype)
-    else:  # half precision only where it is fast
-        torch_dtype = torch.bfloat16 if str(device).startswith("cuda") and spec not in (None, "embedded") else None
-    if spec in (None, "", "embedded"):
-        from ..embedded.build import EMBEDDED_DIR, load_embedded
+    spec = check_model_spec(spec)
+    device = check_device(device) or default_device()
+    torch_dtype = check_dtype(dtype)
+    if torch_dtype is None and str(device).startswith("cuda") and spec is not None:
+        torch_dtype = torch.bfloat16  # half precision only where it is fast
+    try:
+        if spec is None:
+            from ..embedded.build import load_embedded
 
-        if not (EMBEDDED_DIR / "config.json").exists():
-            raise SystemExit(
-                f"the embedded model is missing from {EMBEDDED_DIR}; train it with `tokensieve train-tiny` "
-                f"or pass --model PATH_OR_HF_ID"
-            )
-        model, processor = load_embedded(device=device, dtype=torch_dtype or torch.float32)
-        return model, processor, "embedded"
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+            model, processor = load_embedded(device=device, dtype=torch_dtype or torch.float32)
+            return model, processor, "embedded"
+        from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
-    model = AutoModelForImageTextToText.from_pretrained(spec, **kwargs)
-    model.to(device).eval()
-    processor = AutoProcessor.from_pretrained(spec)
+        kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
+        model = AutoModelForImageTextToText.from_pretrained(spec, **kwargs)
+        model.to(device).eval()
+        processor = AutoProcessor.from_pretrained(spec)
+    except (OSError, ValueError, KeyError) as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise UsageError(
+            f"could not load --model {spec or 'embedded'}: {first}; pass a local model folder or a Hub id "
+            f"that is cached here (no downloads offline)"
+        ) from None
     return model, processor, str(spec)
 
 
@@ -88,141 +122,111 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "bench",
         help="run pruning methods x budgets side by side (accuracy, retention, speed-up, FLOPs, KV cache)",
-        description="Benchmark pruning methods at several budgets on one model and task. Results go to a run "
-        "folder (one JSONL line per finished cell; rerun with the same --out to resume), with report.md, plots "
-        "and a picture grid of the kept tokens.",
+        description="Benchmark pruning methods at several budgets on one model and task, at equal layer-averaged "
+        "visual tokens. Results go to a run folder (one JSONL line per finished cell; rerun with the same --out to "
+        "resume), with report.md, plots and kept-token grids. Under `torchrun --nproc-per-node N` or `accelerate "
+        "launch` the cells are shared out by rank.",
     )
     p.add_argument("--model", default=None, help="HF VLM id or local path (default: the embedded model)")
     p.add_argument("--task", default="synthetic", choices=("synthetic", "pope", "gqa"))
     p.add_argument("--data", default=None, help="pope/gqa: hub name or local file/folder (default: lmms-lab/*)")
     p.add_argument("--split", default=None, help="dataset split (synthetic: test; pope: test; gqa: testdev)")
     p.add_argument("--image-dir", default=None, help="pope/gqa: folder of image files named in the data")
-    p.add_argument("--limit", type=int, default=DEFAULT_LIMIT, help="questions per family (default %(default)s)")
-    p.add_argument("--methods", default="all", help="comma-separated method names (default: all registered)")
-    p.add_argument("--keep", default=DEFAULT_KEEPS, help="comma-separated budgets; 1.0 is the unpruned reference "
-                   "(always run); floats are fractions, ints token counts (default %(default)s)")  # fmt: skip
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--limit", type=positive_int, default=DEFAULT_LIMIT,
+                   help="questions per family (default %(default)s)")
+    p.add_argument("--methods", type=parse_methods, default="all",
+                   help="comma-separated method names (default: all)")
+    p.add_argument("--keep", type=parse_keeps, default=DEFAULT_KEEPS, help="comma-separated budgets; 1.0 is the "
+                   "unpruned reference (always run); floats are fractions, ints token counts (default %(default)s)")
+    p.add_argument("--stage-budgets", action="store_true", help="in-LLM methods read keep as the count after their "
+                   "layer (their own default) instead of a layer-averaged budget")
+    p.add_argument("--device", default=None, help="torch device (default: cuda[:LOCAL_RANK] if available, else cpu)")
     p.add_argument("--dtype", default=None, help="torch dtype name, e.g. bfloat16 (default: float32 on CPU)")
     p.add_argument("--seed", type=int, default=0, help="torch seed set before every cell")
     p.add_argument("--out", default=None, help="run folder (default runs/<timestamp>); reuse it to resume")
-    p.add_argument("--batch-size", type=int, default=50, help="generation batch size")
-    p.add_argument("--repeats", type=int, default=3, help="latency repeats (median)")
-    p.add_argument("--latency-batch", type=int, default=8, help="samples in the fixed latency batch")
-    p.add_argument("--viz-keep", default=None, help="budget of the picture grid (default: the one nearest 0.11)")
-    p.add_argument("--retry-errors", action="store_true", help="rerun cells recorded as errors")
+    p.add_argument("--batch-size", type=positive_int, default=50, help="generation batch size")
+    p.add_argument("--pairs", type=at_least(MIN_PAIRS), default=MIN_PAIRS,
+                   help="latency pairs (pruned, unpruned) per cell, at least %(default)s; the median is reported")
+    p.add_argument("--latency-batch", type=positive_int, default=8, help="samples in the fixed latency batch")
+    p.add_argument("--viz-keep", type=parse_keep, default=None, help="budget of the kept-token grids (default: "
+                   "the one nearest 0.11)")
+    p.add_argument("--retry-errors", action="store_true", help="rerun cells recorded as errors or unreachable")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_bench)
-    return p
+    return p  # fmt: skip
+
+
+def _config(args: argparse.Namespace) -> BenchConfig:
+    return BenchConfig(
+        methods=args.methods,
+        keeps=args.keep,
+        batch_size=args.batch_size,
+        pairs=args.pairs,
+        latency_batch=args.latency_batch,
+        viz_keep=args.viz_keep,
+        average_budget=not args.stage_budgets,
+        seed=args.seed,
+        retry_errors=args.retry_errors,
+        progress=not args.no_progress,
+    )
+
+
+def _resume_hint(out: Path, total: int) -> str:
+    saved = len(saved_rows(out))
+    argv = list(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else ["bench", "..."]
+    if "--out" not in argv:
+        argv += ["--out", str(out)]
+    return (
+        f"interrupted: {saved} of {total} cells are saved in {out / RESULTS_FILE}; resume with "
+        f"`tokensieve {' '.join(argv)}` (finished cells are skipped)"
+    )
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .loaders import load_task
     from .report import errors_table, results_table
-    from .runner import BenchConfig, run_bench
 
-    methods = parse_methods(args.methods)
-    keeps = parse_keeps(args.keep)
-    out = Path(args.out or Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    if isinstance(args.methods, str):  # the default "all" is not passed through type=
+        args.methods = parse_methods(args.methods)
+    if isinstance(args.keep, str):
+        args.keep = parse_keeps(args.keep)
+    config = _config(args)
+    out = check_out_dir(args.out or Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    check_model_spec(args.model)
+    check_device(args.device)
+    check_dtype(args.dtype)
+    try:
+        world = current_world()
+    except RuntimeError as error:
+        raise UsageError(str(error)) from None
+    lock = hold_run_lock(out, world)  # a second run on this folder stops here, before its model loads
+    total = 1 + len(config.methods) * sum(not is_reference(k) for k in config.keeps)
     start = time.perf_counter()
-    task = load_task(args.task, limit=args.limit, data=args.data, split=args.split, image_dir=args.image_dir)
-    model, processor, name = load_model(args.model, args.device, args.dtype)
-    config = BenchConfig(
-        methods=methods,
-        keeps=keeps,
-        batch_size=args.batch_size,
-        repeats=args.repeats,
-        latency_batch=args.latency_batch,
-        viz_keep=parse_keep(args.viz_keep) if args.viz_keep else None,
-        seed=args.seed,
-        retry_errors=args.retry_errors,
-        progress=not args.no_progress,
-    )
-    print(f"bench: {name} on {task.name} ({len(task.samples)} questions), {len(methods)} methods x {keeps} -> {out}",
-          file=sys.stderr)  # fmt: skip
-    result = run_bench(model, processor, task, out, config, model_name=name)
-    print(results_table(result.rows, task.families))
-    errors = errors_table(result.rows)
-    if errors:
-        print("\nerrors:\n" + errors)
-    print(
-        f"\n{len(result.computed)} cells computed, {len(result.skipped)} resumed, "
-        f"{time.perf_counter() - start:.0f} s; report: {result.report}",
-    )
-    return 0
-
-
-# -------------------------------------------------------------------------------------------------- show
-
-
-def add_show_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``show`` on an argparse sub-parser collection (sets ``func``)."""
-    p = subparsers.add_parser(
-        "show",
-        help="answer one question about one image under a method and write the kept-token overlay",
-        description="Answer QUESTION about IMAGE with the visual tokens pruned by --method and write an overlay "
-        "of the kept tokens (dropped patches darkened).",
-    )
-    p.add_argument("image", help="image file")
-    p.add_argument("question", help="question text")
-    p.add_argument("--method", default="zoo", help="method name, or comma-separated names composed in order")
-    p.add_argument("--keep", default="0.25", help="tokens per image (int) or fraction (float); default %(default)s")
-    p.add_argument("--model", default=None, help="HF VLM id or local path (default: the embedded model)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--out", default="overlay.png", help="overlay PNG (default %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--view", default="auto", choices=("auto", "stretch", "center_crop", "pad"),
-                   help="how a square token grid maps onto a non-square image")  # fmt: skip
-    p.set_defaults(func=cmd_show)
-    return p
-
-
-def show(
-    model, processor, image, question: str, method: str | list[str], keep: Keep, max_new_tokens: int = 16
-) -> tuple[str, list[int], dict]:
-    """Answer ``question`` about ``image`` under the sieve: ``(answer, kept indices, trace image info)``."""
-    import torch
-
-    from ..embedded.synthetic import Sample
-    from ..sieve import sieve
-    from .loaders import Task, build_prompt
-    from .metrics import exact_match
-
-    sample = Sample(image=image, question=question, answer="", family="show", relevant_tokens=[])
-    task = Task(name="show", samples=[sample], match=exact_match, max_new_tokens=max_new_tokens)
-    inputs = processor(images=[image], text=[build_prompt(processor, sample, task)], return_tensors="pt")
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-    tokenizer = processor.tokenizer
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    with sieve(model, method, keep=keep) as active, torch.inference_mode():
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-    answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    image_index = max(i for s, i in active.trace.images if s == 0)
-    kept = active.trace.kept(0, image_index).tolist()
-    return " ".join(answer.split()), kept, active.trace.images[(0, image_index)]
-
-
-def cmd_show(args: argparse.Namespace) -> int:
-    from PIL import Image
-
-    from ..viz import overlay
-
-    methods = parse_methods(args.method)
-    method: str | list[str] = methods[0] if len(methods) == 1 else methods
-    keep = parse_keep(args.keep)
-    model, processor, name = load_model(args.model, args.device, args.dtype)
-    with Image.open(args.image) as file:
-        image = file.convert("RGB")
-    answer, kept, info = show(model, processor, image, args.question, method, keep, args.max_new_tokens)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    overlay(image, kept, info, view=args.view).save(out)
-    label = "+".join(methods)
-    print(f"answer: {answer}")
-    print(f"{label} keep={keep}: kept {len(kept)}/{info['n_tokens']} visual tokens ({name}); overlay: {out}")
+    try:
+        try:
+            task = load_task(args.task, limit=args.limit, data=args.data, split=args.split, image_dir=args.image_dir)
+        except (OSError, ValueError) as error:
+            raise UsageError(f"could not load --task {args.task}: {error}") from None
+        model, processor, name = load_model(args.model, args.device, args.dtype)
+        if world.main:
+            print(f"bench: {name} on {task.name} ({len(task.samples)} questions), {len(config.methods)} methods x "
+                  f"{list(config.keeps)} -> {out} ({world.size} process(es))", file=sys.stderr)  # fmt: skip
+        result = run_bench(model, processor, task, out, config, model_name=name, world=world, locked=True)
+    except KeyboardInterrupt:
+        if world.main:
+            print(_resume_hint(out, total), file=sys.stderr)
+        return 130
+    finally:
+        if lock is not None:
+            lock.release()
+    if world.main:
+        print(results_table(result.rows, task.families))
+        for status in ("unreachable", "error"):
+            table = errors_table(result.rows, status)
+            if table:
+                print(f"\n{status}:\n{table}")
+        print(f"\n{len(result.computed)} cells computed, {len(result.skipped)} resumed, "
+              f"{time.perf_counter() - start:.0f} s; report: {result.report}")  # fmt: skip
     return 0
 
 
@@ -230,7 +234,9 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m tokensieve.bench.cli")
+    from .show import add_show_parser
+
+    parser = OneLineParser(prog="python -m tokensieve.bench.cli")
     sub = parser.add_subparsers(dest="command", required=True)
     add_bench_parser(sub)
     add_show_parser(sub)
@@ -238,8 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as error:
+        return report(parser.prog, error)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ import statistics
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 
 import torch
 
@@ -78,20 +80,48 @@ def retention(accuracy: dict[str, float], reference: dict[str, float]) -> float 
 # -------------------------------------------------------------------------------------------------- FLOPs
 
 
-def llm_dims(model: torch.nn.Module) -> tuple[int, int, int]:
-    """``(layers, hidden d, MLP width m)`` of a VLM's language model, read from its config."""
-    config = model.config
-    text = getattr(config, "text_config", None) or config
-    return int(text.num_hidden_layers), int(text.hidden_size), int(text.intermediate_size)
+@dataclass(frozen=True)
+class DecoderShape:
+    """What the FLOPs of one decoder layer depend on, read from a (text) config."""
+
+    n_layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    gated: bool = True  # SwiGLU-style MLP (gate, up, down); False: two matrices (up, down)
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module) -> DecoderShape:
+        """The language model's shape; the MLP counts as gated when a ``gate_proj`` module exists."""
+        config = model.config
+        text = getattr(config, "text_config", None) or config
+        hidden, heads = int(text.hidden_size), int(text.num_attention_heads)
+        kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
+        gated = any(name.endswith("gate_proj") or name.endswith("gate_up_proj") for name, _ in model.named_modules())
+        return cls(int(text.num_hidden_layers), hidden, heads, kv_heads, head_dim, int(text.intermediate_size), gated)
 
 
-def prefill_flops(tokens_per_layer: Sequence[int], d: int, m: int) -> float:
-    """Analytic prefill FLOPs of a SwiGLU decoder: per layer ``4nd^2 + 2n^2d + 3ndm`` for ``n`` tokens.
+def layer_flops(n: int, shape: DecoderShape) -> tuple[float, float]:
+    """``(attention, mlp)`` FLOPs of one decoder layer on ``n`` tokens (2 FLOPs per multiply-add).
 
-    ``4nd^2``: q/k/v/o projections; ``2n^2d``: attention scores and the weighted sum; ``3ndm``: the gate, up
-    and down projections. ``n`` is the real sequence length at that layer (text + kept visual tokens).
+    Attention: q and o projections ``2 * 2n d (h hd)``, k and v ``2 * 2n d (kv hd)`` (grouped-query heads
+    counted as they are), scores ``q k^T`` and the weighted sum ``2 * 2n^2 h hd`` (the full square, as FastV and
+    the papers after it count it). MLP: ``3 * 2n d m`` gated (SwiGLU), ``2 * 2n d m`` otherwise. Norms, RoPE,
+    softmax and the LM head are left out: they do not change with the visual-token count in a way that matters.
     """
-    return float(sum(4 * n * d * d + 2 * n * n * d + 3 * n * d * m for n in tokens_per_layer))
+    q_width, kv_width = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    projections = 2 * 2 * n * shape.hidden * q_width + 2 * 2 * n * shape.hidden * kv_width
+    core = 2 * 2 * n * n * q_width
+    mlp = (3 if shape.gated else 2) * 2 * n * shape.hidden * shape.intermediate
+    return float(projections + core), float(mlp)
+
+
+def prefill_flops(tokens_per_layer: Sequence[int], shape: DecoderShape) -> float:
+    """Decoder prefill FLOPs of one sample: :func:`layer_flops` summed with the real length at each layer."""
+    return float(sum(sum(layer_flops(n, shape)) for n in tokens_per_layer))
 
 
 def tokens_per_layer(
@@ -158,21 +188,60 @@ def _synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def median_latency(
-    fn: Callable[[], object], repeats: int, device: torch.device, warmup: int = 1
-) -> tuple[float, object]:
-    """Median wall time of ``fn()`` in seconds over ``repeats`` runs after ``warmup`` untimed ones, and the last
-    run's output (so callers can inspect it without one more run).
+@dataclass
+class PairedLatency:
+    """Pruned and unpruned timings taken alternately in one loop (pruned, unpruned, pruned, ...)."""
 
-    The median (not the mean) because the benchmark may share its CPU with other work.
-    """
+    pruned_s: list[float]
+    unpruned_s: list[float]
+
+    @property
+    def pruned(self) -> float:
+        return statistics.median(self.pruned_s)
+
+    @property
+    def unpruned(self) -> float:
+        return statistics.median(self.unpruned_s)
+
+    @property
+    def speedup(self) -> float:
+        """``median(unpruned) / median(pruned)``, both medians over the same interleaved loop (so the two sides
+        saw the same machine load), and consistent with the two latencies reported next to it."""
+        return self.unpruned / self.pruned if self.pruned > 0 else float("nan")
+
+    @property
+    def unpruned_spread(self) -> float:
+        """``(max - min) / median`` of the unpruned timings: how much the machine's speed moved during the cell."""
+        median = self.unpruned
+        return (max(self.unpruned_s) - min(self.unpruned_s)) / median if median > 0 else 0.0
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
+    _synchronize(device)
+    start = time.perf_counter()
+    output = fn()
+    _synchronize(device)
+    return time.perf_counter() - start, output
+
+
+def paired_latency(
+    fn: Callable[[], object],
+    pruned_context: Callable[[], AbstractContextManager],
+    pairs: int,
+    device: torch.device,
+    warmup: int = 1,
+) -> tuple[PairedLatency, object]:
+    """Time ``fn()`` alternately inside ``pruned_context()`` (a fresh sieve) and outside it, ``pairs`` times after
+    ``warmup`` untimed pairs; also the last pruned output. Entering and leaving the context (installing and
+    removing hooks) is not timed; the method's selection inside the forward pass is."""
     for _ in range(warmup):
+        with pruned_context():
+            fn()
         fn()
-    times, output = [], None
-    for _ in range(max(1, repeats)):
-        _synchronize(device)
-        start = time.perf_counter()
-        output = fn()
-        _synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), output
+    p_times, u_times, output = [], [], None
+    for _ in range(max(1, pairs)):
+        with pruned_context():
+            t, output = _timed(fn, device)
+        p_times.append(t)
+        u_times.append(_timed(fn, device)[0])
+    return PairedLatency(p_times, u_times), output

@@ -1,4 +1,4 @@
-"""The run folder's report: markdown tables, accuracy plots and the kept-token picture grid."""
+"""The run folder's report: markdown tables, accuracy plots and the kept-token grids (:mod:`.plots`)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from ..budget import Keep
 REPORT_FILE = "report.md"
 PLOT_TOKENS = "accuracy_vs_tokens.png"
 PLOT_SPEEDUP = "accuracy_vs_speedup.png"
-PICTURE_GRID = "kept_tokens.png"
+PLOT_FLOPS = "accuracy_vs_flops.png"
+GRID_STEM = "kept_tokens"  # one grid per stage: kept_tokens_<stage>.png
 REFERENCE = "none"
 
 
@@ -32,14 +33,6 @@ def _sig(value: float | None, digits: int = 3) -> str:
     return f"{value:.{decimals}f}"
 
 
-def _flops_unit(rows: Sequence[dict]) -> tuple[str, float]:
-    peak = max((r.get("flops") or 0.0 for r in rows), default=0.0)
-    for name, scale in (("TFLOPs", 1e12), ("GFLOPs", 1e9), ("MFLOPs", 1e6)):
-        if peak >= scale:
-            return name, scale
-    return "FLOPs", 1.0
-
-
 def _sort_key(row: dict) -> tuple:
     keep = row["keep"]
     reference = row["method"] == REFERENCE
@@ -57,26 +50,36 @@ def families_of(rows: Sequence[dict], order: Sequence[str] = ()) -> list[str]:
     return [f for f in seen if f in present]
 
 
+def _speedup(row: dict) -> str:
+    if row.get("speedup") is None:
+        return "-"
+    flag = " (noisy)" if row.get("latency_noisy") else ""
+    return f"{row['speedup']:.2f}x{flag}"
+
+
 def results_table(rows: Sequence[dict], families: Sequence[str] = ()) -> str:
     """Markdown table, one row per method x keep (reference first, then by budget, then by method)."""
     families = families_of(rows, families)
-    unit, scale = _flops_unit(rows)
-    header = ["method", "keep", "tokens", "layer-avg tokens", "mean %", "retention %", "speed-up", unit, "KV MB"]
+    reference = next((r for r in rows if r["method"] == REFERENCE and r.get("status") == "ok"), None)
+    header = ["method", "stage", "keep", "budget tokens", "layer-avg tokens", "final tokens", "mean %",
+              "retention %", "FLOPs %", "speed-up", "KV MB"]  # fmt: skip
     header += [f"{f} %" for f in families]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for row in sorted(rows, key=_sort_key):
-        cells = [row["method"], format_keep(row["keep"])]
+        cells = [row["method"], row.get("stage", "-"), format_keep(row["keep"])]
         if row.get("status") != "ok":
-            cells += ["-", "-", "error", "-", "-", "-", "-"] + ["-"] * len(families)
+            cells += ["-", "-", "-", row.get("status", "error")] + ["-"] * (len(header) - 7)
         else:
             accuracy = row["accuracy"]
+            flops = 100 * row["flops"] / reference["flops"] if reference and reference.get("flops") else None
             cells += [
-                _sig(row["visual_tokens"]),
+                _sig(row.get("budget_tokens")),
                 _sig(row["visual_tokens_layer_avg"]),
+                _sig(row["visual_tokens"]),
                 f"{100 * accuracy['mean']:.1f}",
                 "-" if row.get("retention") is None else f"{row['retention']:.1f}",
-                "-" if row.get("speedup") is None else f"{row['speedup']:.2f}x",
-                _sig(row["flops"] / scale),
+                "-" if flops is None else f"{flops:.1f}",
+                _speedup(row),
                 _sig(row["kv_bytes"] / 2**20),
             ]
             cells += [f"{100 * accuracy[f]:.1f}" if f in accuracy else "-" for f in families]
@@ -84,11 +87,12 @@ def results_table(rows: Sequence[dict], families: Sequence[str] = ()) -> str:
     return "\n".join(lines)
 
 
-def errors_table(rows: Sequence[dict]) -> str:
-    errors = [r for r in sorted(rows, key=_sort_key) if r.get("status") != "ok"]
+def errors_table(rows: Sequence[dict], status: str = "error") -> str:
+    """Cells of one non-ok ``status`` (``"error"`` or ``"unreachable"``) with their messages."""
+    errors = [r for r in sorted(rows, key=_sort_key) if r.get("status", "error") == status]
     if not errors:
         return ""
-    lines = ["| method | keep | error |", "|---|---|---|"]
+    lines = [f"| method | keep | {'why' if status == 'unreachable' else 'error'} |", "|---|---|---|"]
     for row in errors:
         message = str(row.get("error", "")).replace("|", "\\|").replace("\n", " ")
         lines.append(f"| {row['method']} | {format_keep(row['keep'])} | {message} |")
@@ -96,65 +100,6 @@ def errors_table(rows: Sequence[dict]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- plots
-
-
-def _method_series(rows: Sequence[dict], x_field: str) -> tuple[dict | None, dict[str, list[tuple[float, float]]]]:
-    ok = [r for r in rows if r.get("status") == "ok"]
-    reference = next((r for r in ok if r["method"] == REFERENCE), None)
-    series: dict[str, list[tuple[float, float]]] = {}
-    for row in ok:
-        if row["method"] == REFERENCE or row.get(x_field) is None:
-            continue
-        series.setdefault(row["method"], []).append((float(row[x_field]), 100 * row["accuracy"]["mean"]))
-    return reference, series
-
-
-def _styles(n: int):
-    import matplotlib
-
-    cmap = matplotlib.colormaps["tab20"]
-    markers = "osD^v<>pPX*h"
-    return [(cmap(i % 20), markers[i % len(markers)]) for i in range(n)]
-
-
-def plot_accuracy(rows: Sequence[dict], path: str | Path, x: str = "tokens", title: str = "") -> Path:
-    """Mean accuracy per method against layer-averaged visual tokens (``x="tokens"``) or speed-up."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    x_field = "visual_tokens_layer_avg" if x == "tokens" else "speedup"
-    reference, series = _method_series(rows, x_field)
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for (method, points), (color, marker) in zip(sorted(series.items()), _styles(len(series)), strict=True):
-        if reference is not None:  # every curve starts at the unpruned model
-            ref_x = reference["visual_tokens_layer_avg"] if x == "tokens" else 1.0
-            points = points + [(float(ref_x), 100 * reference["accuracy"]["mean"])]
-        points = sorted(points)
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker=marker, color=color, label=method, lw=1.2,
-                ms=4)  # fmt: skip
-    if reference is not None:
-        ref_y = 100 * reference["accuracy"]["mean"]
-        ax.axhline(ref_y, color="black", ls="--", lw=0.8)
-        ref_x = reference["visual_tokens_layer_avg"] if x == "tokens" else 1.0
-        ax.plot([ref_x], [ref_y], marker="*", color="black", ms=12, ls="none", label="unpruned")
-    ys = [y for line in ax.get_lines() for y in line.get_ydata()]
-    if ys:  # fixed padding: matplotlib's autoscale turns a flat line (e.g. all 0 %) into a 1e-17 axis
-        low, high = float(min(ys)), float(max(ys))
-        pad = max(2.0, 0.1 * (high - low))
-        ax.set_ylim(max(0.0, low - pad), max(min(100.0, high + pad), low + pad))
-    ax.set_xlabel("visual tokens per sample (layer average)" if x == "tokens" else "prefill speed-up (x)")
-    ax.set_ylabel("mean accuracy (%)")
-    ax.grid(alpha=0.3)
-    if title:
-        ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def choose_viz_keep(rows: Sequence[dict], wanted: Keep | None = None, target: float = 0.11) -> Keep | None:
@@ -178,6 +123,42 @@ def choose_viz_keep(rows: Sequence[dict], wanted: Keep | None = None, target: fl
 # ------------------------------------------------------------------------------------------------ report
 
 
+def _summary(rows: Sequence[dict], meta: dict, families: Sequence[str]) -> list[str]:
+    ok = [r for r in rows if r.get("status") == "ok"]
+    reference = next((r for r in ok if r["method"] == REFERENCE), None)
+    counts = {s: sum(r.get("status") == s for r in rows) for s in ("error", "unreachable")}
+    noisy = sum(bool(r.get("latency_noisy")) for r in ok)
+    lines = [
+        "# tokensieve bench",
+        "",
+        f"- model: `{meta.get('model', '?')}`",
+        f"- task: {meta.get('task', '?')} ({meta.get('source', '')}), {meta.get('n_samples', '?')} questions, "
+        f"families: {', '.join(families) or '-'}",
+        f"- cells: {len(rows)} ({len(ok)} ok, {counts['unreachable']} unreachable budgets, {counts['error']} "
+        f"errors, {noisy} with noisy timings); written {_dt.datetime.now().isoformat(timespec='seconds')}",
+    ]
+    if reference is not None:
+        lines.append(
+            f"- unpruned reference: mean {100 * reference['accuracy']['mean']:.1f}%, "
+            f"{_sig(reference['image_tokens'])} visual tokens per sample, prefill "
+            f"{1000 * reference['latency_s']:.1f} ms (median, latency batch)"
+        )
+    return lines
+
+
+COLUMNS = (
+    "Columns: *budget tokens* = visual tokens per sample the budget allows; *layer-avg tokens* = visual tokens "
+    "averaged over the decoder layers (what the compute sees; in-LLM methods run with `average_budget=True`, so "
+    "they keep every token before their layer and fewer after it, to the same average); *final tokens* = after the "
+    "last stage; *retention* = mean over families of accuracy / unpruned accuracy; *FLOPs %* = decoder prefill "
+    "FLOPs per sample (attention and MLP per layer, from the config and the real per-layer counts) against the "
+    "unpruned model; *speed-up* = median unpruned / median pruned prefill time over at least 5 pairs, timed "
+    "alternately in one loop on the same batch (*noisy*: the unpruned timings of that cell spread more than 20%); "
+    "*KV MB* = key/value cache bytes per sample after prefill. *unreachable*: the method cannot meet that "
+    "layer-averaged budget on this model (it prunes too deep), so it was not run above it."
+)
+
+
 def write_report(
     out_dir: str | Path,
     rows: Sequence[dict],
@@ -186,72 +167,28 @@ def write_report(
     viz_keep: Keep | None = None,
     meta: dict | None = None,
 ) -> Path:
-    """Write ``report.md``, both accuracy plots and (given ``viz``) the picture grid into ``out_dir``."""
-    from ..viz import picture_grid
+    """Write ``report.md``, the accuracy plots and (given ``viz``) the kept-token grids into ``out_dir``."""
+    from .plots import plot_accuracy, write_grids
 
     out_dir = Path(out_dir)
     meta = dict(meta or {})
     families = list(getattr(task, "families", ()) or meta.get("families", ()))
     title = f"{meta.get('model', '')} on {meta.get('task', '')}".strip()
-    plot_accuracy(rows, out_dir / PLOT_TOKENS, x="tokens", title=title)
-    plot_accuracy(rows, out_dir / PLOT_SPEEDUP, x="speedup", title=title)
+    for name, x in ((PLOT_TOKENS, "tokens"), (PLOT_FLOPS, "flops"), (PLOT_SPEEDUP, "speedup")):
+        plot_accuracy(rows, out_dir / name, x=x, title=title)
     grid_keep = choose_viz_keep(rows, viz_keep)
-    grid_written = False
-    if viz is not None and grid_keep is not None:
-        columns = {}
-        for row in sorted(rows, key=_sort_key):
-            if row.get("status") == "ok" and row["keep"] == grid_keep and row["method"] != REFERENCE:
-                kept = row.get("viz_kept") or []
-                if len(kept) >= len(viz.images):
-                    columns[row["method"]] = [(kept[i], viz.infos[i]) for i in range(len(viz.images))]
-        if columns:
-            picture_grid(
-                viz.images,
-                columns,
-                out_dir / PICTURE_GRID,
-                row_labels=viz.labels,
-                title=f"kept visual tokens at keep={format_keep(grid_keep)} (dropped patches darkened)",
-            )
-            grid_written = True
-
-    ok = [r for r in rows if r.get("status") == "ok"]
-    reference = next((r for r in ok if r["method"] == REFERENCE), None)
-    n_errors = sum(r.get("status") != "ok" for r in rows)
-    lines = [
-        "# tokensieve bench",
-        "",
-        f"- model: `{meta.get('model', '?')}`",
-        f"- task: {meta.get('task', '?')} ({meta.get('source', '')}), {meta.get('n_samples', '?')} questions, "
-        f"families: {', '.join(families) or '-'}",
-        f"- cells: {len(rows)} ({len(ok)} ok, {n_errors} errors); written "
-        f"{_dt.datetime.now().isoformat(timespec='seconds')}",
-    ]
-    if reference is not None:
-        lines.append(
-            f"- unpruned reference: mean {100 * reference['accuracy']['mean']:.1f}%, "
-            f"{_sig(reference['image_tokens'])} visual tokens per sample, prefill "
-            f"{1000 * reference['latency_s']:.1f} ms (median, latency batch)"
-        )
-    lines += [
-        "",
-        "## Results",
-        "",
-        results_table(rows, families),
-        "",
-        "Columns: *tokens* = visual tokens per sample after the last stage; *layer-avg tokens* = their average over "
-        "decoder layers (in-LLM methods keep all tokens before their layer); *retention* = mean over families of "
-        "accuracy / unpruned accuracy; *speed-up* = unpruned median prefill latency / this cell's, on the same "
-        "fixed batch in the same process; FLOPs = analytic LLM prefill FLOPs per sample "
-        "(per layer 4nd^2 + 2n^2d + 3ndm with the real per-layer token counts); *KV MB* = key/value cache bytes "
-        "per sample after prefill, measured on the cache tensors.",
-    ]
-    errors = errors_table(rows)
-    if errors:
-        lines += ["", "## Errors", "", errors]
-    lines += ["", "## Plots", "", f"![accuracy vs tokens]({PLOT_TOKENS})", ""]
-    lines += [f"![accuracy vs speed-up]({PLOT_SPEEDUP})"]
-    if grid_written:
-        lines += ["", f"## Kept tokens at keep={format_keep(grid_keep)}", "", f"![kept tokens]({PICTURE_GRID})"]
+    grids = [] if viz is None or grid_keep is None else write_grids(rows, viz, grid_keep, out_dir, GRID_STEM)
+    lines = _summary(rows, meta, families) + ["", "## Results", "", results_table(rows, families), "", COLUMNS]
+    for status, heading in (("unreachable", "Unreachable budgets"), ("error", "Errors")):
+        table = errors_table(rows, status)
+        if table:
+            lines += ["", f"## {heading}", "", table]
+    lines += ["", "## Plots", ""]
+    lines += [f"![accuracy vs {x}]({name})\n" for name, x in ((PLOT_TOKENS, "layer-averaged tokens"),
+              (PLOT_FLOPS, "FLOPs"), (PLOT_SPEEDUP, "speed-up"))]  # fmt: skip
+    if grids:
+        lines += [f"## Kept tokens at keep={format_keep(grid_keep)}", ""]
+        lines += [f"![kept tokens]({p.name})\n" for p in grids]
     path = out_dir / REPORT_FILE
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
