@@ -64,9 +64,7 @@ QUESTION_WORDS: tuple[str, ...] = (
     "number", "on", "?", "answer:",
 )  # fmt: skip
 ANSWER_WORDS: tuple[str, ...] = COLORS + SHAPES + DIGITS + ("yes", "no", "top", "bottom", "left", "right")
-VOCABULARY_WORDS: tuple[str, ...] = tuple(
-    dict.fromkeys(QUESTION_WORDS + tuple(SHAPE_PLURALS.values()) + ANSWER_WORDS)
-)
+VOCABULARY_WORDS: tuple[str, ...] = tuple(dict.fromkeys(QUESTION_WORDS + tuple(SHAPE_PLURALS.values()) + ANSWER_WORDS))
 # Caption words (v2's CLIP and alignment stages), after the v1 words so v1's ids are unchanged.
 CAPTION_WORDS: tuple[str, ...] = (".", "with")
 V2_VOCABULARY_WORDS: tuple[str, ...] = VOCABULARY_WORDS + CAPTION_WORDS
@@ -258,9 +256,7 @@ def _draw_digit(pixels, scene: Scene, obj: SceneObject, digit_label: np.ndarray)
     digit_label[(y0 + ys) // PATCH_SIZE, (x0 + xs) // PATCH_SIZE] = 1 + int(obj.digit)
 
 
-def render_scene(
-    scene: Scene, rng: np.random.Generator
-) -> tuple[Image.Image, TokenLabels, dict[int, list[int]]]:
+def render_scene(scene: Scene, rng: np.random.Generator) -> tuple[Image.Image, TokenLabels, dict[int, list[int]]]:
     """Draw a scene. Returns the image, its token labels and, per object index, the tokens it covers."""
     layout = scene.layout
     side, cell_tokens = layout.cell_px, layout.cell_tokens
@@ -304,9 +300,7 @@ def _pick(rng: np.random.Generator, options: tuple[str, ...] | list[str]) -> str
     return options[int(rng.integers(len(options)))]
 
 
-def _free_cells(
-    layout: Layout, scene_objects: list[SceneObject], allowed: list[tuple[int, int]] | None = None
-) -> list:
+def _free_cells(layout: Layout, scene_objects: list[SceneObject], allowed: list[tuple[int, int]] | None = None) -> list:
     used = {o.cell for o in scene_objects}
     n = layout.cells
     cells = allowed if allowed is not None else [(r, c) for r in range(n) for c in range(n)]
@@ -338,9 +332,7 @@ def _add(
     return len(objects) - 1
 
 
-def _add_distractors(
-    rng: np.random.Generator, layout: Layout, objects: list[SceneObject], count: int, allowed
-) -> None:
+def _add_distractors(rng: np.random.Generator, layout: Layout, objects: list[SceneObject], count: int, allowed) -> None:
     """Add ``count`` random objects whose (shape, color) satisfies ``allowed``."""
     pairs = [(s, c) for s in SHAPES for c in COLORS if allowed(s, c)]
     for _ in range(count):
@@ -539,9 +531,7 @@ def pointer_target(scene: Scene, question: str) -> tuple[list[int], bool]:
     return [row * GRID + col for row, col in anchors], with_start
 
 
-def make_training_example(
-    rng: np.random.Generator, max_turns: int = 8, layout: Layout | str = V1
-) -> TrainingExample:
+def make_training_example(rng: np.random.Generator, max_turns: int = 8, layout: Layout | str = V1) -> TrainingExample:
     """A random scene built for one balanced primary question, plus derived questions (other families
     first, then further ones in rounds), without repeating a question; turns are shuffled."""
     family = _pick(rng, FAMILIES)
@@ -552,9 +542,7 @@ def make_training_example(
     image, labels, _ = render_scene(scene, rng)
     turns = {question: answer}
     others = [f for f in FAMILIES if f != family]
-    rounds = [others[i] for i in rng.permutation(len(others))] + [
-        FAMILIES[i] for i in rng.permutation(len(FAMILIES))
-    ]
+    rounds = [others[i] for i in rng.permutation(len(others))] + [FAMILIES[i] for i in rng.permutation(len(FAMILIES))]
     for other in rounds:
         if len(turns) >= max_turns:
             break
@@ -589,9 +577,7 @@ def _rng(split: str, seed: int, *keys: int) -> np.random.Generator:
     return np.random.default_rng([SPLIT_CODES[split], seed, *keys])
 
 
-def make_split(
-    split: str, n_per_family: int, seed: int | None = None, layout: Layout | str = V1
-) -> list[Sample]:
+def make_split(split: str, n_per_family: int, seed: int | None = None, layout: Layout | str = V1) -> list[Sample]:
     """``n_per_family`` samples of every family, answers cycling evenly over the family's answer set.
 
     ``"val"`` and ``"test"`` are fixed by their name (``seed`` is ignored); ``"train"`` draws from the

@@ -79,8 +79,11 @@ class Run:
         self.tokenizer = build_tokenizer(V2_VOCABULARY_WORDS)
         self.processor = build_processor(self.tokenizer)
         c = config
-        llava = build_config(self.tokenizer, c.vision_hidden, c.vision_layers, c.text_hidden, c.text_layers, c.heads, -2)
+        llava = build_config(
+            self.tokenizer, c.vision_hidden, c.vision_layers, c.text_hidden, c.text_layers, c.heads, -2
+        )
         self.model = build_model(llava, seed=c.seed)
+        self.model.config.embedded_layout = "v2"  # the scene layout it was trained on (make_split(layout=...))
         tok = self.tokenizer
         self.clip = build_clip(llava.vision_config, len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
         grid = llava.vision_config.image_size // llava.vision_config.patch_size
