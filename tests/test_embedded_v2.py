@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from tokensieve.embedded import SAMPLE_ANSWER, load, sample
+from tokensieve.embedded import SAMPLE_ANSWER, load
+from tokensieve.embedded import sample as shipped_sample
 from tokensieve.embedded import train as train_v2
 from tokensieve.embedded.build import (
     CHAT_TEMPLATE,
@@ -141,7 +142,7 @@ def test_quick_start_answers_the_sample():
     import tokensieve
 
     model, processor = load()
-    image, question = sample()
+    image, question = shipped_sample()
     assert image.size == (GRID * 14, GRID * 14)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)

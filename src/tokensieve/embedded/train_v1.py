@@ -19,7 +19,9 @@ Recipe (``/work/shared/research/feasibility.md`` explains the visual-token colla
 - AdamW, warmup then cosine decay over the budget (steps, or the wall-clock cap if that comes first; on a
   shared CPU the cap keeps the schedule complete), fp32 (bf16 autocast was slower here), gradient clipping.
 
-The shipped weights came from ``python scripts/train_tiny.py --minutes 57 --steps 9000 --eval-every-steps 600``
+This is the recipe of the shipped v1 weights (``tokensieve train-tiny`` now runs the v2 recipe in
+:mod:`tokensieve.embedded.train`). They came from
+``python -m tokensieve.embedded.train_v1 --minutes 57 --steps 9000 --eval-every-steps 600 --out-dir DIR``
 (the wall-clock cap ended it at 5,838 steps, 95k images, 57 min on 2 cores; best validation checkpoint, val
 99.5%; its log is ``model/training_log.txt``). Reading and counting are learned last: reading stayed at chance
 until about step 3,000, then reached 100% by step 4,200.
@@ -424,7 +426,7 @@ def train(out_dir: str | Path = EMBEDDED_DIR, minutes: float = 50.0, seed: int =
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train the embedded tiny LLaVA on the synthetic VQA tasks.")
-    parser.add_argument("--out-dir", default=str(EMBEDDED_DIR))
+    parser.add_argument("--out-dir", default="runs/embedded-v1", help="never the shipped folder by default")
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
     parser.add_argument("--minutes", type=float, default=TrainConfig.minutes, help="wall-clock cap")
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
@@ -441,6 +443,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-every-minutes", type=float, default=TrainConfig.eval_every_minutes)
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (slower than fp32 on some CPUs)")
     args = parser.parse_args(argv)
+    if Path(args.out_dir).resolve() == EMBEDDED_DIR:
+        parser.error("--out-dir is the shipped weights' folder; train elsewhere and copy the result there")
     train(
         args.out_dir,
         minutes=args.minutes,
