@@ -134,7 +134,7 @@ def test_recipe_runs_every_stage_and_resumes_exactly(tmp_path: Path):
     a.resume(), b.resume()
     for (name, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items(), strict=True):
         assert torch.equal(x, y), name
-    with pytest.raises(SystemExit, match="other settings"):
+    with pytest.raises(train_v2.CheckpointMismatchError, match="align_lr"):
         train_v2.Run(train_v2.V2Config(**{**TINY, "align_lr": 0.5}), stopped).resume()
 
 

@@ -50,13 +50,13 @@ class V2Config:
     text_hidden: int = 128
     text_layers: int = 12
     heads: int = 4
-    clip_steps: int = 800
+    clip_steps: int = 1200
     clip_batch: int = 48
     clip_lr: float = 1e-3
-    align_steps: int = 1000
+    align_steps: int = 1200
     align_batch: int = 16
     align_lr: float = 1e-3
-    instruct_steps: int = 3000
+    instruct_steps: int = 4500
     instruct_batch: int = 16
     instruct_lr: float = 6e-4
     warmup_steps: int = 100
@@ -65,6 +65,10 @@ class V2Config:
     multi_image_fraction: float = 0.08
     eval_every: int = 300
     eval_per_family: int = 20
+
+
+class CheckpointMismatchError(ValueError):
+    """The run folder's checkpoint was written with other settings than the ones given."""
 
 
 RUNTIME_FIELDS = {"eval_every", "eval_per_family"}  # may change between a run and its resumption
@@ -132,8 +136,8 @@ class Run:
         current = {k: v for k, v in asdict(self.config).items() if k not in RUNTIME_FIELDS}
         if saved != current:
             changed = sorted(k for k in current if saved.get(k) != current[k])
-            raise SystemExit(
-                f"error: {self.state_path} was written with other settings ({', '.join(changed)}); "
+            raise CheckpointMismatchError(
+                f"{self.state_path} was written with other settings ({', '.join(changed)}); "
                 "rerun with the same options to resume, or pass --restart to start over"
             )
         self.model.load_state_dict(state["model"])
@@ -289,7 +293,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--out-dir {args.out_dir} is the shipped weights' folder; train elsewhere and add --ship")
     torch.set_num_threads(args.threads)
     config = V2Config(**{f.name: getattr(args, f.name) for f in fields(V2Config)})
-    final = train(config, out_dir, restart=args.restart, save_every_minutes=args.save_every_minutes)
+    try:
+        final = train(config, out_dir, restart=args.restart, save_every_minutes=args.save_every_minutes)
+    except CheckpointMismatchError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     if args.ship:
         for item in final.iterdir():
             shutil.copy(item, EMBEDDED_DIR / item.name)
