@@ -3,6 +3,7 @@ the quick-start loader, and the resumable training recipe (on a tiny configurati
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -136,6 +137,12 @@ def test_recipe_runs_every_stage_and_resumes_exactly(tmp_path: Path):
         assert torch.equal(x, y), name
     with pytest.raises(train_v2.CheckpointMismatchError, match="align_lr"):
         train_v2.Run(train_v2.V2Config(**{**TINY, "align_lr": 0.5}), stopped).resume()
+    (stopped / "train.lock").write_text(str(os.getppid()))  # a live process holds the folder
+    with pytest.raises(train_v2.RunFolderError, match="another training process"):
+        train_v2.train(train_v2.V2Config(**TINY), stopped)
+    (stopped / "train.lock").write_text("999999999")  # a stale lock is taken over
+    train_v2.train(train_v2.V2Config(**TINY), stopped)
+    assert not (stopped / "train.lock").exists()
 
 
 def test_quick_start_answers_the_sample():

@@ -67,7 +67,11 @@ class V2Config:
     eval_per_family: int = 20
 
 
-class CheckpointMismatchError(ValueError):
+class RunFolderError(ValueError):
+    """The run folder cannot be used as asked (another process holds it, or its settings differ)."""
+
+
+class CheckpointMismatchError(RunFolderError):
     """The run folder's checkpoint was written with other settings than the ones given."""
 
 
@@ -241,8 +245,40 @@ def _interrupt(signum, frame):  # SIGTERM behaves like Ctrl-C: save, then stop
     raise KeyboardInterrupt
 
 
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def _take_lock(out_dir: Path) -> Path:
+    """Refuse a second live training process on the same run folder (they would overwrite each other)."""
+    lock = out_dir / "train.lock"
+    text = lock.read_text().strip() if lock.exists() else ""
+    pid = int(text) if text.isdigit() else 0
+    if pid != os.getpid() and _alive(pid):
+        raise RunFolderError(f"another training process (pid {pid}) is using {out_dir}; wait for it or stop it")
+    lock.write_text(str(os.getpid()))
+    return lock
+
+
 def train(config: V2Config, out_dir: Path, restart: bool = False, save_every_minutes: float = 5.0) -> Path:
     """Run (or continue) the recipe in ``out_dir``; returns the folder of the final model."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lock = _take_lock(out_dir)
+    try:
+        return _train(config, out_dir, restart, save_every_minutes)
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _train(config: V2Config, out_dir: Path, restart: bool, save_every_minutes: float) -> Path:
     if restart and out_dir.exists():
         shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)
         (out_dir / "training_log.txt").unlink(missing_ok=True)
@@ -295,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     config = V2Config(**{f.name: getattr(args, f.name) for f in fields(V2Config)})
     try:
         final = train(config, out_dir, restart=args.restart, save_every_minutes=args.save_every_minutes)
-    except CheckpointMismatchError as error:
+    except RunFolderError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     if args.ship:
         for item in final.iterdir():
