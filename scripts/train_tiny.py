@@ -1,6 +1,7 @@
-"""Train the embedded tiny LLaVA (thin wrapper around ``tokensieve.embedded.train``).
+"""Train the embedded tiny LLaVA, v2 recipe (thin wrapper around ``tokensieve.embedded.train.main``).
 
-Example: ``python scripts/train_tiny.py --minutes 45 --out-dir src/tokensieve/embedded/model``
+Example: ``python scripts/train_tiny.py --out-dir runs/embedded-v2`` (rerun it to resume; ``--ship`` installs
+the final model as the package's shipped weights; ``--help`` lists every option).
 """
 
 import os
@@ -14,4 +15,4 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from tokensieve.embedded.train import main  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

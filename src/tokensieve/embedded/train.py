@@ -1,465 +1,344 @@
-"""Train the embedded LLaVA from scratch on the synthetic tasks (CPU; step budget with a wall-clock cap).
+"""Train the embedded model v2 from scratch: CLIP pretraining, then LLaVA's two stages (resumable, CPU).
 
-Recipe (``/work/shared/research/feasibility.md`` explains the visual-token collapse it avoids):
+1. ``clip``: a ``CLIPModel`` learns scene/caption matching with hard negatives; its vision tower (ViT with
+   CLS) becomes the LLaVA vision tower and stays frozen afterwards, as in LLaVA-1.5.
+2. ``align`` (LLaVA stage 1): projector and language model learn to caption the scene. LLaVA trains only the
+   projector here because its LM is pretrained; ours starts from scratch, so this stage also teaches it the
+   language of the scenes.
+3. ``instruct`` (LLaVA stage 2): projector and LM learn multi-turn visual questions (answers-only loss).
 
-- multi-turn prompts: one image, up to eight questions (one built for a balanced answer, the rest derived
-  from the same scene), answers closed by ``</s>``; a small share of rows hold several images (in-context
-  style) so multi-image prompts stay in distribution;
-- loss: cross-entropy on answer tokens
-  + a dense auxiliary loss on the projected visual tokens: a training-only linear head on the
-  RMS-normalised features classifies, for every visual token, the object under it (shape x colour), the
-  digit printed on it, whether it is an object's centre token (counting objects rather than area), and its
-  grid row and column (position questions). Without it the visual tokens collapse;
-  + two attention "pointer" losses (training only; they shape the model's own attention, nothing is
-  added to it): at each position that predicts an answer word (``answer:`` and, for two-word answers, the
-  first word), two heads of LM layer 0 attend to the question's colour/shape
-  words, and two heads of layer 1 attend to the centre tokens of the objects those words describe (plus the
-  sequence start for existence/count questions, a sink that lets "none" and counts be read out). With
-  answer + dense aux losses alone the LM stayed at the text prior for 25 min on this task;
-- AdamW, warmup then cosine decay over the budget (steps, or the wall-clock cap if that comes first; on a
-  shared CPU the cap keeps the schedule complete), fp32 (bf16 autocast was slower here), gradient clipping.
+Data: the v2 scene layout (:data:`tokensieve.embedded.synthetic.V2`). docs/embedded.md gives the reasons.
 
-The shipped weights came from ``python scripts/train_tiny.py --minutes 57 --steps 9000 --eval-every-steps 600``
-(the wall-clock cap ended it at 5,838 steps, 95k images, 57 min on 2 cores; best validation checkpoint, val
-99.5%; its log is ``model/training_log.txt``). Reading and counting are learned last: reading stayed at chance
-until about step 3,000, then reached 100% by step 4,200.
-The saved artefact is a plain HF ``LlavaForConditionalGeneration`` plus processor (``save_pretrained``).
+Every few minutes, at the end of each stage, and on Ctrl-C / SIGTERM the full state (weights, optimizer,
+data RNG, stage and step) goes to ``OUT/checkpoint/state.pt``; running the same command again continues from
+it. Each stage's model is exported to ``OUT/<stage>/`` (plain HF folders). ``OUT`` never defaults to the
+shipped weights; ``--ship`` installs the final model there.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
+import shutil
+import signal
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from tokensieve.embedded.build import (
-    EMBEDDED_DIR,
-    build_config,
-    build_model,
-    build_processor,
-    build_tokenizer,
-)
+from tokensieve.embedded.build import EMBEDDED_DIR, build_config, build_model, build_processor, build_tokenizer
+from tokensieve.embedded.clip_stage import build_clip
 from tokensieve.embedded.evaluate import accuracy, answer
-from tokensieve.embedded.synthetic import (
-    ANSWER_MARK,
-    COLORS,
-    FAMILIES,
-    GRID,
-    SHAPE_PLURALS,
-    SHAPES,
-    TrainingExample,
-    make_incontext,
-    make_split,
-    make_training_example,
-)
+from tokensieve.embedded.stages import align_batch, clip_step, instruct_batch, lm_losses
+from tokensieve.embedded.synthetic import V2_VOCABULARY_WORDS, make_split
+from tokensieve.embedded.train_v1 import BatchBuilder
 
-ATTRIBUTE_WORDS = frozenset(COLORS + SHAPES + tuple(SHAPE_PLURALS.values()))
-CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
-CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
-
-# Auxiliary per-token heads: name -> number of classes.
-AUX_HEADS: dict[str, int] = {
-    "object": 1 + len(SHAPES) * len(COLORS),
-    "digit": 11,
-    "anchor": 2,
-    "row": GRID,
-    "col": GRID,
-}
+STAGES = ("clip", "align", "instruct")
+DEFAULT_OUT = Path("runs/embedded-v2")
 
 
 @dataclass
-class TrainConfig:
-    """Hyperparameters of one training run."""
+class V2Config:
+    """Hyperparameters of the v2 recipe (steps sized for about 2.5 hours on 2 idle cores)."""
 
-    steps: int = 3600
-    minutes: float = 50.0  # wall-clock cap
     seed: int = 0
-    batch_size: int = 16
-    lr: float = 1.5e-3
-    weight_decay: float = 0.05
-    warmup_steps: int = 150
-    min_lr_ratio: float = 0.05
-    aux_weight: float = 1.0
-    pointer_weight: float = 1.0
-    pointer_layer: int = 1
-    pointer_heads: int = 2
-    multi_image_fraction: float = 0.08
     vision_hidden: int = 128
-    vision_layers: int = 2
+    vision_layers: int = 4
     text_hidden: int = 128
-    text_layers: int = 3
+    text_layers: int = 12
     heads: int = 4
-    bf16: bool = False  # bf16 autocast was ~10x slower than fp32 on the 2-core CPU used
-    eval_every_steps: int = 600
-    eval_every_minutes: float = 12.0
-    eval_per_family: int = 40
-    threads: int = 2
+    clip_steps: int = 1200
+    clip_batch: int = 48
+    clip_lr: float = 1e-3
+    align_steps: int = 1200
+    align_batch: int = 16
+    align_lr: float = 1e-3
+    instruct_steps: int = 4500
+    instruct_batch: int = 16
+    instruct_lr: float = 6e-4
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.05
+    weight_decay: float = 0.05
+    multi_image_fraction: float = 0.08
+    eval_every: int = 300
+    eval_per_family: int = 20
 
 
-def pixel_tensor(images) -> torch.Tensor:
-    """CLIP-normalised pixels, identical to ``LlavaImageProcessorPil`` for 224x224 inputs."""
-    arrays = np.stack([np.asarray(image, dtype=np.uint8) for image in images])
-    pixels = torch.from_numpy(arrays).permute(0, 3, 1, 2).float().div_(255.0)
-    return (pixels - CLIP_MEAN) / CLIP_STD
+class RunFolderError(ValueError):
+    """The run folder cannot be used as asked (another process holds it, or its settings differ)."""
 
 
-class BatchBuilder:
-    """Turns training examples into token ids, answer labels, pixels and aux targets."""
+class CheckpointMismatchError(RunFolderError):
+    """The run folder's checkpoint was written with other settings than the ones given."""
 
-    def __init__(self, tokenizer, image_tokens: int) -> None:
-        self.tokenizer = tokenizer
-        self.image_tokens = image_tokens
-        self.image_id = tokenizer.convert_tokens_to_ids("<image>")
-        self.bos_id, self.eos_id, self.pad_id = (
-            tokenizer.bos_token_id,
-            tokenizer.eos_token_id,
-            tokenizer.pad_token_id,
+
+RUNTIME_FIELDS = {"eval_every", "eval_per_family"}  # may change between a run and its resumption
+
+
+class Run:
+    """Model, CLIP teacher, optimizer and data stream of one training run, with save/resume."""
+
+    def __init__(self, config: V2Config, out_dir: Path) -> None:
+        self.config, self.out_dir = config, out_dir
+        self.state_path = out_dir / "checkpoint" / "state.pt"
+        self.tokenizer = build_tokenizer(V2_VOCABULARY_WORDS)
+        self.processor = build_processor(self.tokenizer)
+        c = config
+        llava = build_config(
+            self.tokenizer, c.vision_hidden, c.vision_layers, c.text_hidden, c.text_layers, c.heads, -2
         )
-        self._cache: dict[str, list[int]] = {}
+        self.model = build_model(llava, seed=c.seed)
+        self.model.config.embedded_layout = "v2"  # the scene layout it was trained on (make_split(layout=...))
+        tok = self.tokenizer
+        self.clip = build_clip(llava.vision_config, len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
+        grid = llava.vision_config.image_size // llava.vision_config.patch_size
+        self.builder = BatchBuilder(self.tokenizer, grid * grid)
+        self.rng = np.random.default_rng([2, c.seed])
+        self.stage, self.step, self.optimizer = 0, 0, None
+        self.log_path = out_dir / "training_log.txt"
 
-    def _ids(self, text: str) -> list[int]:
-        if text not in self._cache:
-            ids = self.tokenizer.convert_tokens_to_ids(text.split())
-            if self.tokenizer.unk_token_id in ids:
-                raise ValueError(f"out-of-vocabulary word in {text!r}")
-            self._cache[text] = ids
-        return self._cache[text]
+    # ------------------------------------------------------------------ state
+    def trainable(self) -> list[torch.nn.Parameter]:
+        if STAGES[self.stage] == "clip":
+            return list(self.clip.parameters())
+        self.model.model.vision_tower.requires_grad_(False)
+        return [p for n, p in self.model.named_parameters() if not n.startswith("model.vision_tower")]
 
-    def row(self, segments: list[TrainingExample]) -> tuple[list[int], list[int]]:
-        """Ids and labels (-100 where unsupervised) for one row of one or more images with their turns."""
-        ids, labels, _ = self.row_with_pointers(segments)
-        return ids, labels
+    def new_optimizer(self) -> None:
+        params = self.trainable()
+        groups = [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": self.config.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        lr = getattr(self.config, f"{STAGES[self.stage]}_lr")
+        self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98))
 
-    def row_with_pointers(self, segments: list[TrainingExample]) -> tuple[list[int], list[int], list]:
-        """Like :meth:`row`, plus per turn (position of ``answer:``, target key positions) for the pointer
-        loss; the sequence start (position 0) is a target for existence/count questions."""
-        ids, labels, pointers = [self.bos_id], [-100], []
-        for segment in segments:
-            image_start = len(ids)
-            ids += [self.image_id] * self.image_tokens
-            labels += [-100] * self.image_tokens
-            for turn, (question, reply) in enumerate(segment.turns):
-                prompt = self._ids(f"{question} {ANSWER_MARK}")
-                target = self._ids(reply) + [self.eos_id]
-                ids += prompt + target
-                labels += [-100] * len(prompt) + target
-                if turn < len(segment.pointers):
-                    anchors, with_start = segment.pointers[turn]
-                    keys = [image_start + a for a in anchors] + ([0] if with_start else [])
-                    prompt_start = len(ids) - len(target) - len(prompt)
-                    words = [prompt_start + i for i, w in enumerate(question.split()) if w in ATTRIBUTE_WORDS]
-                    if keys and words:
-                        # Every position that predicts an answer word points at the object: the ``answer:``
-                        # token and, for two-word answers ("top left"), the first answer word too; without
-                        # the second the model never learned to read the column back.
-                        first_query = len(ids) - len(target) - 1
-                        pointers += [(first_query + j, keys, words) for j in range(len(target) - 1)]
-        return ids, labels, pointers
-
-    def batch(self, rows: list[list[TrainingExample]]) -> dict[str, torch.Tensor]:
-        encoded = [self.row_with_pointers(segments) for segments in rows]
-        length = max(len(ids) for ids, _, _ in encoded)
-        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), length), -100, dtype=torch.long)
-        attention = torch.zeros((len(rows), length), dtype=torch.long)
-        pointer_rows, pointer_queries, pointer_keys, word_keys = [], [], [], []
-        for i, (ids, row_labels, pointers) in enumerate(encoded):  # right padding is fine for causal training
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            labels[i, : len(ids)] = torch.tensor(row_labels)
-            attention[i, : len(ids)] = 1
-            for query, keys, words in pointers:
-                pointer_rows.append(i)
-                pointer_queries.append(query)
-                pointer_keys.append(keys)
-                word_keys.append(words)
-        pointer_target = torch.zeros((len(pointer_rows), length))
-        word_target = torch.zeros((len(pointer_rows), length))
-        for t, (keys, words) in enumerate(zip(pointer_keys, word_keys, strict=True)):
-            pointer_target[t, keys] = 1.0 / len(keys)
-            word_target[t, words] = 1.0 / len(words)
-        examples = [segment for segments in rows for segment in segments]
-        targets = {
-            "object": np.stack([e.labels.object_class for e in examples]),
-            "digit": np.stack([e.labels.digit for e in examples]),
-            "anchor": np.stack([e.labels.anchor for e in examples]),
+    def save(self) -> None:
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        state = {
+            "config": asdict(self.config),
+            "stage": self.stage,
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "clip": self.clip.state_dict() if self.stage == 0 else None,
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+            "rng": self.rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
         }
-        grid = np.arange(GRID * GRID)
-        targets["row"] = np.broadcast_to(grid // GRID, (len(examples), grid.size))
-        targets["col"] = np.broadcast_to(grid % GRID, (len(examples), grid.size))
-        return {
-            "input_ids": input_ids,
-            "labels": labels,
-            "attention_mask": attention,
-            "pixel_values": pixel_tensor([e.image for e in examples]),
-            "pointer_row": torch.tensor(pointer_rows, dtype=torch.long),
-            "pointer_query": torch.tensor(pointer_queries, dtype=torch.long),
-            "pointer_target": pointer_target,
-            "word_target": word_target,
-            **{f"aux_{k}": torch.as_tensor(np.ascontiguousarray(v)) for k, v in targets.items()},
-        }
+        temporary = self.state_path.with_suffix(".tmp")
+        torch.save(state, temporary)
+        os.replace(temporary, self.state_path)
 
+    def resume(self) -> bool:
+        if not self.state_path.exists():
+            return False
+        state = torch.load(self.state_path, weights_only=False)
+        saved = {k: v for k, v in state["config"].items() if k not in RUNTIME_FIELDS}
+        current = {k: v for k, v in asdict(self.config).items() if k not in RUNTIME_FIELDS}
+        if saved != current:
+            changed = sorted(k for k in current if saved.get(k) != current[k])
+            raise CheckpointMismatchError(
+                f"{self.state_path} was written with other settings ({', '.join(changed)}); "
+                "rerun with the same options to resume, or pass --restart to start over"
+            )
+        self.model.load_state_dict(state["model"])
+        if state["clip"] is not None:
+            self.clip.load_state_dict(state["clip"])
+        self.stage, self.step = state["stage"], state["step"]
+        self.rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"])
+        if self.stage < len(STAGES):
+            self.new_optimizer()
+            if state["optimizer"] is not None:
+                self.optimizer.load_state_dict(state["optimizer"])
+        return True
 
-def sample_rows(rng: np.random.Generator, batch_size: int, multi_image_fraction: float) -> list:
-    """A batch: usually single-image multi-turn rows; sometimes half as many rows of 2-3 images each."""
-    if rng.random() < multi_image_fraction:
-        rows = []
-        for _ in range(max(1, batch_size // 2)):
-            demos = [make_training_example(rng, max_turns=1) for _ in range(int(rng.integers(1, 3)))]
-            rows.append(demos + [make_training_example(rng, max_turns=2)])
-        return rows
-    return [[make_training_example(rng)] for _ in range(batch_size)]
+    def log(self, line: str) -> None:
+        print(line, flush=True)
+        with open(self.log_path, "a") as handle:
+            handle.write(line + "\n")
 
+    # ------------------------------------------------------------------ training
+    def lr_at(self, step: int, steps: int, base: float) -> float:
+        warm = min(1.0, (step + 1) / self.config.warmup_steps)
+        ratio = self.config.min_lr_ratio
+        return base * warm * (ratio + (1 - ratio) * 0.5 * (1 + math.cos(math.pi * step / steps)))
 
-def pointer_loss(
-    attention: nn.Module, captured: dict, batch: dict[str, torch.Tensor], heads: int, target: torch.Tensor
-) -> torch.Tensor:
-    """Cross-entropy between the first ``heads`` attention heads' distributions at each ``answer:`` token
-    (recomputed from the layer's own q/k projections after RoPE) and the target key positions."""
-    hidden = captured["hidden_states"]
-    cos, sin = captured["position_embeddings"]
-    n_rows, length, _ = hidden.shape
-    query = attention.q_proj(hidden).view(n_rows, length, -1, attention.head_dim).transpose(1, 2)
-    key = attention.k_proj(hidden).view(n_rows, length, -1, attention.head_dim).transpose(1, 2)
-    query, key = apply_rotary_pos_emb(query, key, cos, sin)
-    rows, positions = batch["pointer_row"], batch["pointer_query"]
-    query = query[rows, :heads, positions]  # (turns, heads, head_dim)
-    key = key[rows, :heads]  # (turns, heads, length, head_dim)
-    logits = torch.einsum("thd,thld->thl", query, key).float() * attention.scaling
-    allowed = (torch.arange(length)[None, :] <= positions[:, None]) & batch["attention_mask"][rows].bool()
-    log_probs = logits.masked_fill(~allowed[:, None, :], float("-inf")).log_softmax(dim=-1)
-    log_probs = log_probs.masked_fill(~allowed[:, None, :], 0.0)
-    return -(target[:, None, :] * log_probs).sum(dim=-1).mean()
+    def one_step(self, name: str) -> dict[str, torch.Tensor]:
+        c = self.config
+        if name == "clip":
+            losses = clip_step(self.clip, self.builder, self.rng, c.clip_batch)
+            loss = losses["clip"]
+        else:
+            if name == "align":
+                batch = align_batch(self.builder, self.rng, c.align_batch)
+            else:
+                batch = instruct_batch(self.builder, self.rng, c.instruct_batch, c.multi_image_fraction)
+            losses = lm_losses(self.model, batch)
+            loss = losses["loss"]
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.trainable(), 1.0)
+        self.optimizer.step()
+        return losses
 
+    def evaluate(self) -> dict[str, float]:
+        self.model.eval()
+        samples = make_split("val", self.config.eval_per_family, layout="v2")
+        scores = accuracy(samples, answer(self.model, self.processor, samples, batch_size=50))
+        self.model.train()
+        return scores
 
-def forward_losses(
-    model, aux_head: nn.Linear, batch: dict[str, torch.Tensor], pointer_layer: int = 1, pointer_heads: int = 2
-) -> dict[str, torch.Tensor]:
-    """Answer loss, per-head aux losses, pointer losses and feature statistics for one batch.
+    def export(self, folder: Path) -> None:
+        self.model.save_pretrained(folder)
+        self.processor.save_pretrained(folder)
+        if self.log_path.exists():
+            shutil.copy(self.log_path, folder / "training_log.txt")
 
-    Pointer losses: at each ``answer:`` token, heads of layer ``pointer_layer - 1`` attend to the question's
-    colour/shape words and heads of layer ``pointer_layer`` to the centre tokens of the matching objects.
-    """
-    inner = model.model
-    layers = {"word": pointer_layer - 1, "pointer": pointer_layer}
-    attentions = {name: inner.language_model.layers[index].self_attn for name, index in layers.items()}
-    captured: dict[str, dict] = {name: {} for name in layers}
+    def run_stage(self, save_every_s: float) -> None:
+        name = STAGES[self.stage]
+        steps = getattr(self.config, f"{name}_steps")
+        base_lr = getattr(self.config, f"{name}_lr")
+        running: dict[str, float] = {}
+        last_save, start, start_step = time.perf_counter(), time.perf_counter(), self.step
+        while self.step < steps:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr_at(self.step, steps, base_lr)
+            losses = self.one_step(name)
+            self.step += 1
+            for k, v in losses.items():
+                value = float(v.detach())
+                running[k] = 0.95 * running.get(k, value) + 0.05 * value
+            if self.step % 25 == 0:
+                rate = (self.step - start_step) / (time.perf_counter() - start)
+                stats = " ".join(f"{k} {v:.3f}" for k, v in running.items())
+                self.log(f"{name} step {self.step}/{steps} ({rate * 60:.0f} steps/min) {stats}")
+            if name == "instruct" and self.step % self.config.eval_every == 0:
+                self.log(f"eval {name} step {self.step} val {_format(self.evaluate())}")
+            if time.perf_counter() - last_save > save_every_s:
+                self.save()
+                last_save = time.perf_counter()
 
-    def capture_into(store: dict):
-        def capture(module, args, kwargs):
-            store["hidden_states"] = args[0] if args else kwargs["hidden_states"]
-            store["position_embeddings"] = kwargs["position_embeddings"]
-
-        return capture
-
-    features = inner.get_image_features(
-        pixel_values=batch["pixel_values"], vision_feature_layer=-1, vision_feature_select_strategy="default"
-    ).pooler_output
-    features = torch.stack(list(features))  # (images, tokens, hidden)
-    embeds = inner.get_input_embeddings()(batch["input_ids"])
-    image_mask = (batch["input_ids"] == model.config.image_token_id).unsqueeze(-1)
-    embeds = embeds.masked_scatter(image_mask, features.to(embeds.dtype))
-    handles = [
-        attentions[name].register_forward_pre_hook(capture_into(captured[name]), with_kwargs=True)
-        for name in layers
-    ]
-    try:
-        output = inner.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"])
-    finally:
-        for handle in handles:
-            handle.remove()
-    hidden = output.last_hidden_state
-    next_labels = batch["labels"][:, 1:]
-    supervised = next_labels != -100
-    logits = model.lm_head(hidden[:, :-1][supervised])
-    losses = {"answer": F.cross_entropy(logits.float(), next_labels[supervised])}
-    if len(batch["pointer_row"]):
-        for name in layers:
-            target = batch[f"{name}_target"]
-            losses[name] = pointer_loss(attentions[name], captured[name], batch, pointer_heads, target)
-    # The aux head sees RMS-normalised features, so it gives no incentive to grow their norm.
-    normalised = F.rms_norm(features, (features.shape[-1],))
-    aux_logits = aux_head(normalised).float().split(list(AUX_HEADS.values()), dim=-1)
-    for (name, classes), head_logits in zip(AUX_HEADS.items(), aux_logits, strict=True):
-        losses[f"aux_{name}"] = F.cross_entropy(
-            head_logits.reshape(-1, classes), batch[f"aux_{name}"].reshape(-1)
-        )
-    with torch.no_grad():
-        flat = features.float()
-        losses["feat_norm"] = flat.norm(dim=-1).mean()
-        losses["feat_spread"] = flat.std(dim=1).mean() / flat.pow(2).mean().sqrt()
-    return losses
-
-
-def evaluate_model(model, processor, samples, incontext) -> dict[str, float]:
-    """Validation accuracy per family, plus in-context (multi-image) mean."""
-    model.eval()
-    result = accuracy(samples, answer(model, processor, samples, batch_size=40))
-    result["incontext"] = accuracy(incontext, answer(model, processor, incontext, batch_size=20))["mean"]
-    model.train()
-    return result
+    def finish_stage(self) -> None:
+        name = STAGES[self.stage]
+        if name == "clip":
+            self.model.model.vision_tower.load_state_dict(self.clip.vision_model.state_dict())
+        if name == "instruct":
+            self.log(f"eval {name} final val {_format(self.evaluate())}")
+        self.export(self.out_dir / name)
+        self.stage, self.step = self.stage + 1, 0
+        self.optimizer = None
+        if self.stage < len(STAGES):
+            self.new_optimizer()
+        self.save()
+        self.log(f"stage {name} done; exported to {self.out_dir / name}")
 
 
 def _format(scores: dict[str, float]) -> str:
     return " ".join(f"{k} {100 * v:5.1f}" for k, v in scores.items())
 
 
-def train(out_dir: str | Path = EMBEDDED_DIR, minutes: float = 50.0, seed: int = 0, **overrides) -> dict:
-    """Train for ``steps`` steps or ``minutes`` of wall time, whichever ends first.
+def _interrupt(signum, frame):  # SIGTERM behaves like Ctrl-C: save, then stop
+    raise KeyboardInterrupt
 
-    Saves the best-on-validation model + processor in ``out_dir``.
 
-    Returns the final validation scores of the saved model.
-    """
-    config = TrainConfig(minutes=minutes, seed=seed, **overrides)
-    torch.set_num_threads(config.threads)
-    out_dir = Path(out_dir)
-    tokenizer = build_tokenizer()
-    processor = build_processor(tokenizer)
-    model = build_model(
-        build_config(
-            tokenizer,
-            vision_hidden=config.vision_hidden,
-            vision_layers=config.vision_layers,
-            text_hidden=config.text_hidden,
-            text_layers=config.text_layers,
-            heads=config.heads,
-        ),
-        seed=seed,
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def _take_lock(out_dir: Path) -> Path:
+    """Refuse a second live training process on the same run folder (they would overwrite each other)."""
+    lock = out_dir / "train.lock"
+    text = lock.read_text().strip() if lock.exists() else ""
+    pid = int(text) if text.isdigit() else 0
+    if pid != os.getpid() and _alive(pid):
+        raise RunFolderError(f"another training process (pid {pid}) is using {out_dir}; wait for it or stop it")
+    lock.write_text(str(os.getpid()))
+    return lock
+
+
+def train(config: V2Config, out_dir: Path, restart: bool = False, save_every_minutes: float = 5.0) -> Path:
+    """Run (or continue) the recipe in ``out_dir``; returns the folder of the final model."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lock = _take_lock(out_dir)
+    try:
+        return _train(config, out_dir, restart, save_every_minutes)
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _train(config: V2Config, out_dir: Path, restart: bool, save_every_minutes: float) -> Path:
+    if restart and out_dir.exists():
+        shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)
+        (out_dir / "training_log.txt").unlink(missing_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run = Run(config, out_dir)
+    if run.resume():
+        run.log(f"resumed from {run.state_path}: stage {STAGES[min(run.stage, 2)]} step {run.step}")
+    else:
+        run.new_optimizer()
+        n = sum(p.numel() for p in run.model.parameters())
+        run.log(f"v2 recipe: {n / 1e6:.2f}M parameters; {config}")
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        while run.stage < len(STAGES):
+            run.run_stage(60.0 * save_every_minutes)
+            run.finish_stage()
+    except KeyboardInterrupt:
+        run.save()
+        run.log(f"interrupted: saved stage {STAGES[run.stage]} step {run.step}; rerun the same command to resume")
+        raise SystemExit(130) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return out_dir / "instruct"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tokensieve train-tiny",
+        description="Train the embedded small LLaVA (v2 recipe: CLIP pretraining, alignment, instruction tuning). "
+        "Rerun the same command to continue an interrupted run.",
     )
-    model.train()
-    image_tokens = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
-    aux_head = nn.Linear(model.config.text_config.hidden_size, sum(AUX_HEADS.values()))
-    parameters = list(model.parameters()) + list(aux_head.parameters())
-    decay = [p for p in parameters if p.ndim >= 2]
-    no_decay = [p for p in parameters if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr,
-        betas=(0.9, 0.98),
-    )
-    n_params = sum(p.numel() for p in model.parameters())
-    print(
-        f"model: {n_params / 1e6:.2f}M parameters, {image_tokens} visual tokens per image; {config}",
-        flush=True,
-    )
-
-    builder = BatchBuilder(tokenizer, image_tokens)
-    rng = np.random.default_rng([0, seed])
-    val_samples = make_split("val", config.eval_per_family)
-    val_incontext = make_incontext(4 * len(FAMILIES), shots=2, seed=10_000 + seed)
-    budget = 60.0 * config.minutes
-    start = time.perf_counter()
-    next_eval = 60.0 * config.eval_every_minutes
-    best_mean, best_scores, step, images_seen = -1.0, {}, 0, 0
-    running: dict[str, float] = {}
-
-    def save_if_best(scores: dict[str, float]) -> None:
-        nonlocal best_mean, best_scores
-        if scores["mean"] >= best_mean:
-            best_mean, best_scores = scores["mean"], scores
-            model.save_pretrained(out_dir)
-            processor.save_pretrained(out_dir)
-            print(f"  saved to {out_dir} (val mean {100 * best_mean:.1f})", flush=True)
-
-    while True:
-        elapsed = time.perf_counter() - start
-        if elapsed >= budget or step >= config.steps:
-            break
-        progress = max(elapsed / budget, step / config.steps)
-        warm = min(1.0, (step + 1) / config.warmup_steps)
-        cosine = config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * warm * cosine
-
-        batch = builder.batch(sample_rows(rng, config.batch_size, config.multi_image_fraction))
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
-            losses = forward_losses(model, aux_head, batch, config.pointer_layer, config.pointer_heads)
-        aux = sum(v for k, v in losses.items() if k.startswith("aux_")) / len(AUX_HEADS)
-        pointers = losses.get("pointer", 0.0) + losses.get("word", 0.0)
-        loss = losses["answer"] + config.aux_weight * aux + config.pointer_weight * pointers
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        step += 1
-        images_seen += batch["pixel_values"].shape[0]
-        for k, v in losses.items():
-            running[k] = 0.98 * running.get(k, float(v.detach())) + 0.02 * float(v.detach())
-        if step % 50 == 0:
-            rate = images_seen / (time.perf_counter() - start)
-            print(
-                f"step {step} t {elapsed / 60:5.1f}m cpu {time.process_time() / 60:5.1f}m "
-                f"img {images_seen} ({rate:.0f}/s) "
-                f"lr {optimizer.param_groups[0]['lr']:.2e} "
-                + " ".join(f"{k} {v:.3f}" for k, v in running.items()),
-                flush=True,
-            )
-        if step % config.eval_every_steps == 0 or time.perf_counter() - start >= next_eval:
-            next_eval = time.perf_counter() - start + 60.0 * config.eval_every_minutes
-            scores = evaluate_model(model, processor, val_samples, val_incontext)
-            print(
-                f"eval step {step} t {(time.perf_counter() - start) / 60:.1f}m val {_format(scores)}",
-                flush=True,
-            )
-            save_if_best(scores)
-
-    scores = evaluate_model(model, processor, val_samples, val_incontext)
-    print(f"final step {step} t {(time.perf_counter() - start) / 60:.1f}m val {_format(scores)}", flush=True)
-    save_if_best(scores)
-    print(
-        f"best val {_format(best_scores)}; wall {(time.perf_counter() - start) / 60:.1f} min, "
-        f"process cpu {time.process_time() / 60:.1f} min",
-        flush=True,
-    )
-    return best_scores
+    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT, help=f"run folder (default: {DEFAULT_OUT})")
+    parser.add_argument("--ship", action="store_true", help="install the final model as the package's shipped weights")
+    parser.add_argument("--restart", action="store_true", help="ignore the checkpoint in --out-dir and start over")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
+    parser.add_argument("--save-every-minutes", type=float, default=5.0)
+    for field in fields(V2Config):
+        flag = "--" + field.name.replace("_", "-")
+        parser.add_argument(flag, type=type(field.default), default=field.default, help=f"default {field.default}")
+    return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Train the embedded tiny LLaVA on the synthetic VQA tasks.")
-    parser.add_argument("--out-dir", default=str(EMBEDDED_DIR))
-    parser.add_argument("--steps", type=int, default=TrainConfig.steps)
-    parser.add_argument("--minutes", type=float, default=TrainConfig.minutes, help="wall-clock cap")
-    parser.add_argument("--seed", type=int, default=TrainConfig.seed)
-    parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    parser.add_argument("--lr", type=float, default=TrainConfig.lr)
-    parser.add_argument("--aux-weight", type=float, default=TrainConfig.aux_weight)
-    parser.add_argument("--pointer-weight", type=float, default=TrainConfig.pointer_weight)
-    parser.add_argument("--multi-image-fraction", type=float, default=TrainConfig.multi_image_fraction)
-    parser.add_argument("--vision-hidden", type=int, default=TrainConfig.vision_hidden)
-    parser.add_argument("--vision-layers", type=int, default=TrainConfig.vision_layers)
-    parser.add_argument("--text-hidden", type=int, default=TrainConfig.text_hidden)
-    parser.add_argument("--text-layers", type=int, default=TrainConfig.text_layers)
-    parser.add_argument("--eval-every-steps", type=int, default=TrainConfig.eval_every_steps)
-    parser.add_argument("--eval-every-minutes", type=float, default=TrainConfig.eval_every_minutes)
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (slower than fp32 on some CPUs)")
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    train(
-        args.out_dir,
-        minutes=args.minutes,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        aux_weight=args.aux_weight,
-        pointer_weight=args.pointer_weight,
-        multi_image_fraction=args.multi_image_fraction,
-        vision_hidden=args.vision_hidden,
-        vision_layers=args.vision_layers,
-        text_hidden=args.text_hidden,
-        text_layers=args.text_layers,
-        steps=args.steps,
-        eval_every_steps=args.eval_every_steps,
-        eval_every_minutes=args.eval_every_minutes,
-        bf16=args.bf16,
-    )
+    out_dir = args.out_dir.resolve()
+    if out_dir == EMBEDDED_DIR or EMBEDDED_DIR in out_dir.parents:
+        parser.error(f"--out-dir {args.out_dir} is the shipped weights' folder; train elsewhere and add --ship")
+    torch.set_num_threads(args.threads)
+    config = V2Config(**{f.name: getattr(args, f.name) for f in fields(V2Config)})
+    try:
+        final = train(config, out_dir, restart=args.restart, save_every_minutes=args.save_every_minutes)
+    except RunFolderError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    if args.ship:
+        for item in final.iterdir():
+            shutil.copy(item, EMBEDDED_DIR / item.name)
+        print(f"installed {final} as the shipped weights in {EMBEDDED_DIR}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,0 +1,83 @@
+"""Batches and losses of the three v2 training stages (see :mod:`tokensieve.embedded.train`).
+
+- ``clip``: images and captions for :mod:`tokensieve.embedded.clip_stage`;
+- ``align`` (LLaVA stage 1, feature alignment): ``<s> <image>x144 answer: <caption> </s>``, loss on the caption;
+- ``instruct`` (LLaVA stage 2, visual instruction tuning): multi-turn questions about one image
+  (``<s> <image>x144 q1 answer: a1 </s> q2 answer: a2 </s> ...``), loss on the answers; a small share of rows
+  hold 2-3 images with answered demonstrations, so in-context prompts stay in distribution.
+
+Every LLaVA batch goes through the plain HF forward (``model(input_ids, pixel_values, attention_mask,
+labels)``): no extra heads, no hooks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from tokensieve.embedded.clip_stage import caption, caption_ids, clip_losses, hard_negative
+from tokensieve.embedded.synthetic import ANSWER_MARK, V2, TrainingExample, make_training_example
+from tokensieve.embedded.train_v1 import BatchBuilder, pixel_tensor
+
+
+def examples(rng: np.random.Generator, n: int, max_turns: int = 8) -> list[TrainingExample]:
+    return [make_training_example(rng, max_turns=max_turns, layout=V2) for _ in range(n)]
+
+
+def collate(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ids, labels (-100 unsupervised) and attention mask (right padding is fine in training)."""
+    length = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), length), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, (ids, row_labels) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(ids)] = torch.tensor(row_labels)
+        mask[i, : len(ids)] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+
+
+def clip_step(clip, builder: BatchBuilder, rng: np.random.Generator, batch_size: int) -> dict[str, torch.Tensor]:
+    """Contrastive losses for ``batch_size`` fresh scenes, each with its caption and one hard negative."""
+    batch = examples(rng, batch_size, max_turns=1)
+    texts = [caption(e.scene) for e in batch] + [hard_negative(e.scene, rng) for e in batch]
+    tok = builder.tokenizer
+    ids, mask = caption_ids(texts, builder._ids, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    return clip_losses(clip, pixel_tensor([e.image for e in batch]), ids, mask)
+
+
+def align_batch(builder: BatchBuilder, rng: np.random.Generator, batch_size: int) -> dict[str, torch.Tensor]:
+    """Captioning rows (LLaVA's pretraining format: the image, then its description)."""
+    batch = examples(rng, batch_size, max_turns=1)
+    rows = []
+    for example in batch:
+        prompt = [builder.bos_id] + [builder.image_id] * builder.image_tokens + builder._ids(ANSWER_MARK)
+        target = builder._ids(caption(example.scene)) + [builder.eos_id]
+        rows.append((prompt + target, [-100] * len(prompt) + target))
+    return {**collate(rows, builder.pad_id), "pixel_values": pixel_tensor([e.image for e in batch])}
+
+
+def instruct_batch(
+    builder: BatchBuilder, rng: np.random.Generator, batch_size: int, multi_image_fraction: float
+) -> dict[str, torch.Tensor]:
+    """Multi-turn question rows; with probability ``multi_image_fraction`` half as many 2-3 image rows."""
+    if rng.random() < multi_image_fraction:
+        segments = []
+        for _ in range(max(1, batch_size // 2)):
+            demos = examples(rng, int(rng.integers(1, 3)), max_turns=1)
+            segments.append(demos + examples(rng, 1, max_turns=2))
+    else:
+        segments = [[e] for e in examples(rng, batch_size)]
+    rows = [builder.row(row) for row in segments]
+    images = [e.image for row in segments for e in row]
+    return {**collate(rows, builder.pad_id), "pixel_values": pixel_tensor(images)}
+
+
+def lm_losses(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF's own loss on the supervised tokens, plus the visual-token statistics that reveal a collapse."""
+    output = model(**batch)
+    losses = {"loss": output.loss}
+    with torch.no_grad():
+        features = torch.cat(list(output.image_outputs.pooler_output)).float()  # [images * tokens, D]
+        losses["feat_norm"] = features.norm(dim=-1).mean()
+    return losses

@@ -1,0 +1,172 @@
+"""Tests of the embedded model's v2 pieces: scene layout, captions, chat template, unknown-word warning,
+the quick-start loader, and the resumable training recipe (on a tiny configuration)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tokensieve.embedded import SAMPLE_ANSWER, load
+from tokensieve.embedded import sample as shipped_sample
+from tokensieve.embedded import train as train_v2
+from tokensieve.embedded.build import (
+    CHAT_TEMPLATE,
+    EMBEDDED_DIR,
+    OutOfVocabularyWarning,
+    build_processor,
+    build_tokenizer,
+)
+from tokensieve.embedded.clip_stage import caption, hard_negative
+from tokensieve.embedded.evaluate import answer
+from tokensieve.embedded.synthetic import (
+    FAMILIES,
+    GRID,
+    V1,
+    V2,
+    V2_VOCABULARY_WORDS,
+    make_incontext,
+    make_split,
+    make_training_example,
+    prompt_for,
+)
+
+
+def _messages(sample) -> list[dict]:
+    messages = []
+    images = sample.image if isinstance(sample.image, list) else [sample.image]
+    for (question, reply), _ in zip(sample.context, images, strict=False):
+        messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]})
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": reply}]})
+    messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sample.question}]})
+    return messages
+
+
+def test_chat_template_writes_the_training_prompt():
+    processor = build_processor()
+    for sample in make_split("val", 1) + make_incontext(3):
+        text = processor.apply_chat_template(_messages(sample), add_generation_prompt=True)
+        assert text == prompt_for(sample)
+    assert processor.tokenizer.chat_template == CHAT_TEMPLATE
+
+
+def test_tokenizer_normalises_case_and_question_marks():
+    tokenizer = build_tokenizer()
+    plain = tokenizer("what color is the circle ?")["input_ids"]
+    assert tokenizer("What color is the Circle?")["input_ids"] == plain
+    assert tokenizer.unk_token_id not in plain
+
+
+def test_processor_warns_on_unknown_words():
+    processor = build_processor()
+    image = make_split("val", 1)[0].image
+    with pytest.warns(OutOfVocabularyWarning, match="colour"):
+        processor(images=[image], text=["<image> what colour is the circle ? answer:"], return_tensors="pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", OutOfVocabularyWarning)
+        processor(images=[image], text=["<image> What color is the circle? answer:"], return_tensors="pt")
+
+
+def test_v2_objects_span_many_tokens_and_v1_is_unchanged():
+    v2 = make_split("test", 12, layout="v2")
+    v1 = make_split("test", 12)
+    colour_tokens = [len(s.relevant_tokens) for s in v2 if s.family == "color"]
+    assert np.mean(colour_tokens) >= 8 > np.mean([len(s.relevant_tokens) for s in v1 if s.family == "color"])
+    assert {s.family for s in v2} == set(FAMILIES)
+    assert all(s.image.size == v1[0].image.size for s in v2)
+    assert [np.asarray(s.image).tobytes() for s in make_split("test", 2, layout=V2)] == [
+        np.asarray(s.image).tobytes() for s in make_split("test", 2, layout="v2")
+    ]
+    assert make_split("test", 1, layout=V1)[0].question == v1[0].question
+
+
+def test_captions_name_every_object_and_hard_negatives_differ():
+    tokenizer = build_tokenizer(V2_VOCABULARY_WORDS)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        scene = make_training_example(rng, max_turns=1, layout=V2).scene
+        text = caption(scene)
+        assert len(text.split(" . ")) == len(scene.objects)
+        assert hard_negative(scene, rng) != text
+        assert tokenizer.unk_token_id not in tokenizer(text)["input_ids"]
+
+
+def test_train_tiny_help_and_refuses_the_shipped_folder(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_v2.main(["--help"])
+    assert exit_info.value.code == 0
+    assert "--ship" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        train_v2.main(["--out-dir", str(EMBEDDED_DIR)])
+    assert exit_info.value.code == 2
+    assert "shipped weights" in capsys.readouterr().err
+
+
+TINY = dict(
+    vision_hidden=32, vision_layers=1, text_hidden=32, text_layers=1, heads=2, clip_steps=2, clip_batch=2,
+    align_steps=2, align_batch=2, instruct_steps=2, instruct_batch=2, eval_every=1000, eval_per_family=1,
+    warmup_steps=1,
+)  # fmt: skip
+
+
+def test_recipe_runs_every_stage_and_resumes_exactly(tmp_path: Path):
+    torch.set_num_threads(1)
+    straight = tmp_path / "straight"
+    train_v2.train(train_v2.V2Config(**TINY), straight)
+    for stage in train_v2.STAGES:
+        assert (straight / stage / "model.safetensors").exists()
+    final = train_v2.Run(train_v2.V2Config(**TINY), straight)
+    assert final.resume() and final.stage == len(train_v2.STAGES)
+
+    # Same run, stopped after the first CLIP step (as a Ctrl-C would), then resumed by a new process.
+    stopped = tmp_path / "stopped"
+    run = train_v2.Run(train_v2.V2Config(**TINY), stopped)
+    run.new_optimizer()
+    run.one_step("clip")
+    run.step = 1
+    run.save()
+    train_v2.train(train_v2.V2Config(**TINY), stopped)
+    a = train_v2.Run(train_v2.V2Config(**TINY), straight)
+    b = train_v2.Run(train_v2.V2Config(**TINY), stopped)
+    a.resume(), b.resume()
+    for (name, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items(), strict=True):
+        assert torch.equal(x, y), name
+    with pytest.raises(train_v2.CheckpointMismatchError, match="align_lr"):
+        train_v2.Run(train_v2.V2Config(**{**TINY, "align_lr": 0.5}), stopped).resume()
+    (stopped / "train.lock").write_text(str(os.getppid()))  # a live process holds the folder
+    with pytest.raises(train_v2.RunFolderError, match="another training process"):
+        train_v2.train(train_v2.V2Config(**TINY), stopped)
+    (stopped / "train.lock").write_text("999999999")  # a stale lock is taken over
+    train_v2.train(train_v2.V2Config(**TINY), stopped)
+    assert not (stopped / "train.lock").exists()
+
+
+def test_quick_start_answers_the_sample():
+    import tokensieve
+
+    model, processor = load()
+    image, question = shipped_sample()
+    assert image.size == (GRID * 14, GRID * 14)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=[image], text=[prompt], return_tensors="pt")
+    with torch.inference_mode():
+        output = model.generate(**inputs, max_new_tokens=3)
+    new = output[0, inputs["input_ids"].shape[1] :]
+    assert processor.decode(new, skip_special_tokens=True).strip() == SAMPLE_ANSWER
+    with tokensieve.sieve(model, "divprune", keep=0.25), torch.inference_mode():
+        output = model.generate(**inputs, max_new_tokens=3)
+    assert processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip() == "red"
+
+
+def test_evaluation_uses_the_layout_of_the_checkpoint():
+    from tokensieve.embedded.check import layout_of
+
+    model, processor = load()
+    assert layout_of(model) in ("v1", "v2")
+    samples = make_split("test", 1, layout=layout_of(model))
+    assert len(answer(model, processor, samples)) == len(FAMILIES)
