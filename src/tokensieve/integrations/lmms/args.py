@@ -24,9 +24,7 @@ LOAD_OPTIONS = {
     "batch_size": 1,
     "max_batch_size": None,
     "max_new_tokens": 128,  # used when the task's generation_kwargs do not say
-    "use_cache": True,
-    "seed": 0,
-}
+}  # every other key (seed included) is a hyperparameter of the method
 
 
 @dataclass

@@ -59,16 +59,20 @@ def load_processor(path: str):
     """``AutoProcessor``; for Qwen2/2.5-VL without torchvision, the image-only processor (no video processor)."""
     from transformers import AutoProcessor
 
+    config = json.loads((Path(path) / "config.json").read_text()) if Path(path, "config.json").exists() else {}
+    qwen = config.get("model_type") in ("qwen2_vl", "qwen2_5_vl")
     try:
-        return AutoProcessor.from_pretrained(path)
-    except (ImportError, AttributeError) as error:
-        config = json.loads((Path(path) / "config.json").read_text()) if Path(path, "config.json").exists() else {}
-        if config.get("model_type") not in ("qwen2_vl", "qwen2_5_vl"):
+        processor = AutoProcessor.from_pretrained(path)
+    except (ImportError, AttributeError):
+        if not qwen:
             raise
-        return _image_only_qwen_processor(path, error)
+        return _image_only_qwen_processor(path)
+    if qwen and not hasattr(processor, "tokenizer"):  # only an image processor or a tokenizer was found
+        return _image_only_qwen_processor(path)
+    return processor
 
 
-def _image_only_qwen_processor(path: str, error: Exception):
+def _image_only_qwen_processor(path: str):
     from transformers import AutoImageProcessor, AutoTokenizer, Qwen2VLProcessor
 
     class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):  # the video processor needs torchvision
