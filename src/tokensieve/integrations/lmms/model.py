@@ -86,8 +86,10 @@ class _TokenSieveLMM(lmms):
                 chunk = indices[start : start + self.batch_size]
                 answers = self.engine.generate([prompts[i][0] for i in chunk], prompts[chunk[0]][1])
                 for i, answer in zip(chunk, answers, strict=True):
-                    results[i] = GenerationResult(answer.text, SieveTokenCounts(method=self.args.method, **answer.stats))
-                    self.cache_hook.add_partial("generate_until", (str(requests[i].args[0]), prompts[i][1]), answer.text)
+                    counts = SieveTokenCounts(method=self.args.method, **answer.stats)
+                    results[i] = GenerationResult(answer.text, counts)
+                    key = (str(requests[i].args[0]), prompts[i][1])
+                    self.cache_hook.add_partial("generate_until", key, answer.text)
                 bar.update(len(chunk))
         bar.close()
         return results

