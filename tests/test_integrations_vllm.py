@@ -255,3 +255,101 @@ def test_vllm_runs_the_plugin_on_the_embedded_model(tmp_path, name):
     assert answers == expected
     recorded = [json.loads(row)["kept"] for row in trace.read_text().splitlines()][-len(samples) :]
     assert sorted(recorded) == sorted(kept)  # the profiling run's dummy images come first
+
+
+_QWEN_SCRIPT = '''
+import json, os, sys
+from vllm import LLM, SamplingParams
+from vllm.model_executor.models.interfaces import supports_multimodal_pruning
+from vllm.v1.worker import cpu_model_runner
+from tokensieve.testing import random_image
+
+_load = cpu_model_runner.CPUModelRunner.load_model
+
+
+def load_model(self, *args, **kwargs):
+    # vLLM 0.32's CPUModelRunner.load_model never sets is_multimodal_pruning_enabled (GPUModelRunner.load_model
+    # does), so recompute_mrope_positions would never run on CPU: emulate the GPU runner's assignment.
+    _load(self, *args, **kwargs)
+    mm = self.model_config.multimodal_config
+    self.is_multimodal_pruning_enabled = (
+        supports_multimodal_pruning(self.get_model()) and mm is not None and mm.is_multimodal_pruning_enabled()
+    )
+
+
+def main():
+    cpu_model_runner.CPUModelRunner.load_model = load_model
+    sizes = json.loads(sys.argv[2])
+    llm = LLM(model=sys.argv[1], max_model_len=512, enforce_eager=True, dtype="float32", max_num_seqs=8,
+              gpu_memory_utilization=0.05, mm_processor_cache_gb=0, video_pruning_rate=0.01,
+              limit_mm_per_prompt={"image": 1, "video": 0})
+    prompts = [{"prompt": sys.argv[3], "multi_modal_data": {"image": random_image(i, tuple(s))}}
+               for i, s in enumerate(sizes)]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    print("TOKENS " + json.dumps([list(o.outputs[0].token_ids) for o in outs]))
+
+
+if __name__ == "__main__":
+    main()
+'''
+
+
+def _vllm_sized_qwen(path):
+    """A tiny random Qwen2.5-VL that vLLM's CPU kernels accept (head_dim 32), with a full processor."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    from tokensieve.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer(["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"])
+    ids = tok.convert_tokens_to_ids
+    text = dict(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+                max_position_embeddings=2048)  # fmt: skip
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]}
+    vision = dict(depth=2, hidden_size=32, num_heads=4, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                  intermediate_size=64, out_hidden_size=128, window_size=56, fullatt_block_indexes=[1])  # fmt: skip
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"),
+                              video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
+                              vision_end_token_id=ids("<|vision_end|>"))  # fmt: skip
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    pixels = dict(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2)
+    processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**pixels), tokenizer=tok,
+                                    video_processor=Qwen2VLVideoProcessor(**pixels))  # fmt: skip
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return model, processor
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", ["divprune", "zoo"])
+def test_vllm_runs_the_plugin_on_qwen2_5_vl(tmp_path, name):
+    reason = _vllm_importable()
+    if reason is not None:
+        pytest.skip(reason)
+    pytest.importorskip("torchvision")  # the full Qwen2.5-VL processor (video processor) that vLLM loads
+    from tokensieve.integrations.vllm.models import TRACE_ENV
+
+    model, processor = _vllm_sized_qwen(tmp_path / "qwen")
+    sizes = [(56, 56), (84, 56), (56, 84), (112, 84)]  # square, wide, tall (text offset = grid height), larger
+    prompt = qwen_image_prompt("what is the color ?")
+    expected, kept = [], []
+    for i, size in enumerate(sizes):
+        inputs = processor(images=[random_image(i, size)], text=[prompt], return_tensors="pt")
+        with sieve(model, make_vllm_method(name, keep=0.5, **SPECS[name])) as s, torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=4, do_sample=False, min_new_tokens=4)
+            kept.append(s.trace.kept(0, 0).tolist())
+        expected.append(out[0, inputs["input_ids"].shape[1] :].tolist())
+    (tmp_path / "run.py").write_text(_QWEN_SCRIPT)
+    trace = tmp_path / "kept.jsonl"
+    env = {**os.environ, ENV: json.dumps({"method": name, "keep": 0.5, **SPECS[name]}), TRACE_ENV: str(trace)}
+    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the runner patch above must live in the engine's process
+    command = [sys.executable, str(tmp_path / "run.py"), str(tmp_path / "qwen"), json.dumps(sizes), prompt]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1500, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-4000:]
+    line = [row for row in done.stdout.splitlines() if row.startswith("TOKENS ")][-1]
+    assert json.loads(line[len("TOKENS ") :]) == expected
+    recorded = [json.loads(row)["kept"] for row in trace.read_text().splitlines()][-len(sizes) :]
+    assert sorted(recorded) == sorted(kept)

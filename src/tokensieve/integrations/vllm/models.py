@@ -129,14 +129,21 @@ class SievedQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
         grid_thw = image_input["image_grid_thw"].tolist()
         captured: dict[str, torch.Tensor] = {}
         method = _method()
-        handle = None
-        if "pre_features" in method.needs and image_input["type"] != "image_embeds":
-            handle = self.visual.merger.register_forward_hook(lambda m, args, out: captured.update(x=args[0]))
+        merger = self.visual.merger
+        wrap = "pre_features" in method.needs and image_input["type"] != "image_embeds"
+        if wrap:  # a forward hook does not fire here (vLLM calls the merger outside Module.__call__'s hooks)
+            forward = merger.forward
+
+            def capturing_forward(x, *args, **kwargs):
+                captured["x"] = x
+                return forward(x, *args, **kwargs)
+
+            merger.forward = capturing_forward
         try:
             embeds = super()._process_image_input(image_input)
         finally:
-            if handle is not None:
-                handle.remove()
+            if wrap:
+                del merger.forward  # back to the class's forward
         merge = self.visual.spatial_merge_size
         pre = self._pre_features(captured.get("x"), grid_thw, merge)
         project = self._project(merge)
