@@ -1,8 +1,9 @@
 """vLLM model classes of the plugin: LLaVA and Qwen2.5-VL whose image placeholders and embeddings are pruned.
 
 Imported by vLLM only (through :func:`tokensieve.integrations.vllm.register`). Written against vLLM 0.32's
-``llava.py`` / ``qwen2_5_vl.py``. Both classes run end to end on the CPU build (``tests/test_integrations_vllm.py``, marker
-``integration``); see docs/ecosystem.md for the install and the CPU runner's pruning flag.
+``llava.py`` / ``qwen2_5_vl.py``. Both classes run end to end on the CPU build
+(``tests/test_integrations_vllm.py``, marker ``integration``); see docs/ecosystem.md for the install and the
+CPU runner's pruning flag.
 """
 
 from __future__ import annotations
