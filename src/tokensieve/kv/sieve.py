@@ -62,6 +62,7 @@ class KVSieve:
     def __enter__(self) -> KVSieve:
         if self._active:
             raise RuntimeError("this KVSieve is already active; create a new one")
+        self.method.prepare(self.model, self.info, self.keep)
         if hasattr(self.method, "install"):
             self.method.install(self)
         else:

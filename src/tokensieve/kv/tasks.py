@@ -30,6 +30,7 @@ class Sample:
     answer: list[int]
     task: str
     needle_pos: list[int]
+    others: list[tuple[int, int]]  # (key, value) of the distractor needles, for extra training questions
 
 
 def _needles(task: str, rng: random.Random, n_distract: int) -> tuple[list[list[int]], list[int], int]:
@@ -79,13 +80,17 @@ def make_sample(task: str, length: int, rng: random.Random, n_distract: int = 0)
         tokens += block
     tokens += [rng.randrange(*FILLER) for _ in range(n_fill - prev)]
     tokens += [Q, key, A]
-    return Sample(tokens, answer, task, pos)
+    return Sample(tokens, answer, task, pos, [(b[1], b[2]) for b in others])
 
 
 def training_sequence(length: int, rng: random.Random) -> tuple[list[int], list[int]]:
-    """(tokens, labels) for training: a random task, then its question and answer; labels -100 off-answer."""
+    """(tokens, labels) for training: a random task, its question and answer, then up to 6 more questions on
+    distractor needles. labels[i] is the target of position i (already shifted); -100 off-answer."""
     task = rng.choice(TASKS)
-    sample = make_sample(task, length, rng, n_distract=rng.randrange(0, 12))
+    sample = make_sample(task, length, rng, n_distract=rng.randrange(4, 12))
     tokens = sample.prompt + sample.answer
     labels = [-100] * (len(sample.prompt) - 1) + sample.answer + [-100]
+    for key, value in rng.sample(sample.others, min(6, len(sample.others))):  # MQAR-style extra questions
+        tokens += [Q, key, A, value]
+        labels += [-100, -100, value, -100]
     return tokens, labels

@@ -6,12 +6,14 @@ from dataclasses import fields
 
 from .base import Call, KVMethod, KVMethodError, Piece
 from .dense import Dense
+from .fasa import FASA
 from .hisa import HISA
 from .oracle import OracleTopK
 from .streaming import StreamingWindow
 from .tokenselect import TokenSelect
 
-_REGISTRY: dict[str, type[KVMethod]] = {m.name: m for m in (Dense, HISA, OracleTopK, StreamingWindow, TokenSelect)}
+_BUILTIN = (Dense, FASA, HISA, OracleTopK, StreamingWindow, TokenSelect)
+_REGISTRY: dict[str, type[KVMethod]] = {m.name: m for m in _BUILTIN}
 
 
 def register_kv_method(cls: type[KVMethod]) -> type[KVMethod]:

@@ -78,6 +78,9 @@ class KVMethod:
     def validate(self, info: ModelInfo, keep: int | float) -> None:
         """Raise a KVMethodError before any forward pass if the model or budget cannot work."""
 
+    def prepare(self, model: nn.Module, info: ModelInfo, keep: int | float) -> None:
+        """Called on entering the sieve, before hooks are installed (e.g. FASA's calibration)."""
+
     def is_dense(self, n: int, keep: int, phase: str, layer: int) -> bool:
         """True when this call would attend every causal key (then the original attention runs, bit-exact)."""
         return keep >= n
