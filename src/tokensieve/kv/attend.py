@@ -28,8 +28,20 @@ def gather_kv(t: torch.Tensor, idx: torch.Tensor, n_heads: int) -> torch.Tensor:
     return out.unsqueeze(0)
 
 
+def attend_compact(call: Call, idx: torch.Tensor) -> torch.Tensor:
+    """TSA: gather Q, K, V rows at ascending idx [H, L'], causal SDPA on the compact tensors, scatter into zeros."""
+    n_heads, d = call.q.shape[1], call.q.shape[-1]
+    rows = idx[:, :, None].expand(-1, -1, d)
+    q = torch.gather(call.q[0], 1, rows)
+    k, v = gather_kv(call.k, idx, n_heads)[0], gather_kv(call.v, idx, n_heads)[0]
+    o = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=call.scaling)[0]
+    return torch.zeros_like(call.q[0]).scatter_(1, rows, o.to(call.q.dtype))[None]
+
+
 def attend_piece(call: Call, piece: Piece) -> torch.Tensor:
     """Output [1, H, q1 - q0, d] for the piece's queries."""
+    if piece.compact:
+        return attend_compact(call, piece.idx)
     q = call.q[:, :, piece.q0 : piece.q1]
     q_pos = call.q_pos[piece.q0 : piece.q1]
     n_heads = q.shape[1]

@@ -11,8 +11,9 @@ from .hisa import HISA
 from .oracle import OracleTopK
 from .streaming import StreamingWindow
 from .tokenselect import TokenSelect
+from .tsa import TSA
 
-_BUILTIN = (Dense, FASA, HISA, OracleTopK, StreamingWindow, TokenSelect)
+_BUILTIN = (Dense, FASA, HISA, OracleTopK, StreamingWindow, TokenSelect, TSA)
 _REGISTRY: dict[str, type[KVMethod]] = {m.name: m for m in _BUILTIN}
 
 

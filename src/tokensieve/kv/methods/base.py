@@ -57,13 +57,15 @@ class Call:
 @dataclass
 class Piece:
     """Queries q0..q1-1 attend either ``idx`` [G, k] (G = 1 shared, or H per query head; -1 = empty slot),
-    or a boolean ``mask`` [G, q1 - q0, n], or (both None) all causal keys. ``valid`` [G, k] masks slots of idx."""
+    or a boolean ``mask`` [G, q1 - q0, n], or (both None) all causal keys. ``valid`` [G, k] masks slots of idx.
+    ``compact``: idx [H, L'] picks the queries as well (prefill, q == keys); other query rows get zeros."""
 
     q0: int
     q1: int
     idx: torch.Tensor | None = None
     mask: torch.Tensor | None = None
     valid: torch.Tensor | None = None
+    compact: bool = False  # idx [H, L'] selects queries too (TSA): attention on the compact S_h x S_h, scattered
 
 
 @dataclass
