@@ -23,48 +23,54 @@ def flat_topk(q, w, k, visible, topk: int, scale: float) -> torch.Tensor:
     return scores.topk(min(topk, k.shape[0]), dim=-1).indices
 
 
-def block_scores(q, w, k, visible, block: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stage 1: J[s, b] with mean-pooled block keys; causally invisible blocks -inf, first and last visible
-    blocks +inf (always kept). Returns (J [S, M], block_visible [S, M])."""
+def pool_keys(k: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pooled [M, D] block means, blocks [M, D, B] zero-padded, laid out for stage 2). Both grow with the cache
+    and are maintained incrementally in a serving system; the microbenchmark builds them once."""
     t = k.shape[0]
     n_blocks = math.ceil(t / block)
     pad = n_blocks * block - t
-    kp = torch.nn.functional.pad(k.float(), (0, 0, 0, pad))
+    kp = torch.nn.functional.pad(k.float(), (0, 0, 0, pad)).view(n_blocks, block, -1)
     counts = torch.full((n_blocks,), float(block), device=k.device)
     counts[-1] = block - pad
-    pooled = kp.view(n_blocks, block, -1).sum(1) / counts[:, None]
+    return kp.sum(1) / counts[:, None], kp.transpose(1, 2).contiguous()
+
+
+def block_scores(q, w, pooled, visible, block: int, scale: float) -> torch.Tensor:
+    """Stage 1: J[s, b] on mean-pooled block keys; causally invisible blocks -inf, first and last visible
+    blocks +inf (always kept, as the tilelang kernel) -> [S, M]."""
+    n_blocks = pooled.shape[0]
+    pad = n_blocks * block - visible.shape[1]
     vis = torch.nn.functional.pad(visible, (0, pad)).view(visible.shape[0], n_blocks, block).any(-1)
     j = indexer_scores(q, w, pooled, scale).masked_fill(~vis, NEG)
-    ar = torch.arange(n_blocks, device=k.device)
+    ar = torch.arange(n_blocks, device=pooled.device)
     first = torch.where(vis, ar, n_blocks).min(-1).values
     last = torch.where(vis, ar, -1).max(-1).values
-    rows = torch.arange(vis.shape[0], device=k.device)
+    rows = torch.arange(vis.shape[0], device=pooled.device)
     j[rows, first.clamp(max=n_blocks - 1)] = float("inf")
     j[rows, last.clamp(min=0)] = float("inf")
-    return j, vis
+    return j
 
 
-def hisa_topk(q, w, k, visible, topk: int, block: int, m: int, scale: float, chunk: int = 16) -> torch.Tensor:
+def hisa_topk(q, w, k, visible, topk: int, block: int, m: int, scale: float, chunk: int = 16,
+              pooled: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """HISA: top-``m`` blocks (first and last forced), then the token top-``topk`` inside them -> [S, k'] with
-    k' = min(topk, T). When the visible blocks number <= m it is exactly the flat indexer."""
+    k' = min(topk, T). When the blocks number <= m it is exactly the flat indexer. ``pooled``: from
+    :func:`pool_keys` (computed here when None)."""
     t = k.shape[0]
     n_blocks = math.ceil(t / block)
     if n_blocks <= m:
         return flat_topk(q, w, k, visible, topk, scale)
-    j, _ = block_scores(q, w, k, visible, block, scale)
-    top_blocks = j.topk(m, dim=-1).indices  # [S, m]
-    pad = n_blocks * block - t
-    kb = torch.nn.functional.pad(k.float(), (0, 0, 0, pad)).view(n_blocks, block, -1)
-    vis_p = torch.nn.functional.pad(visible, (0, pad))
+    means, blocks_t = pooled if pooled is not None else pool_keys(k, block)
+    top_blocks = block_scores(q, w, means, visible, block, scale).topk(m, dim=-1).indices  # [S, m]
+    vis_p = torch.nn.functional.pad(visible, (0, n_blocks * block - t))
     offs = torch.arange(block, device=k.device)
     out = []
     for s0 in range(0, q.shape[0], chunk):
         s1 = min(s0 + chunk, q.shape[0])
         blocks = top_blocks[s0:s1]
         tok = (blocks[..., None] * block + offs).flatten(1)  # [s, m*B]
-        keys = kb[blocks].flatten(1, 2)  # [s, m*B, D]
-        sc = torch.relu(torch.matmul(q[s0:s1].float(), keys.transpose(-1, -2)) * scale)  # [s, H, m*B]
-        sc = torch.matmul(w[s0:s1].float().unsqueeze(1), sc).squeeze(1)
+        sc = torch.relu(torch.matmul(q[s0:s1, None].float(), blocks_t[blocks]) * scale)  # [s, m, H, B]
+        sc = torch.matmul(w[s0:s1, None, None].float(), sc).squeeze(2).flatten(1)  # [s, m*B]
         sc = sc.masked_fill(~torch.gather(vis_p[s0:s1], 1, tok), NEG)
         pick = sc.topk(min(topk, t, tok.shape[1]), dim=-1).indices
         out.append(torch.gather(tok, 1, pick))

@@ -33,10 +33,13 @@ class KVSieve:
 
     ``keep``: KV tokens each query attends (int) or a fraction of the prompt (float in (0, 1]).
     ``profile=True`` accumulates selection vs attention time in ``trace.stats`` (for kv-bench).
+    ``shadow=True`` (kv-bench fidelity): the model keeps its dense trajectory; the method runs beside it on
+    identical q/k/v and ``trace.stats`` accumulates the last query's attention-output error vs dense, recall of
+    the exact per-head top-k and the dense attention mass captured.
     """
 
     def __init__(self, model: nn.Module, method: str | KVMethod, keep: int | float = 2048, *,
-                 profile: bool = False, **hyperparameters) -> None:
+                 profile: bool = False, shadow: bool = False, **hyperparameters) -> None:
         self.info = model_info(model)
         self.keep = validate_kv_keep(keep)
         self.method = make_kv_method(method, **hyperparameters)
@@ -53,6 +56,7 @@ class KVSieve:
             )
         self.model = model
         self.profile = profile
+        self.shadow = shadow
         self.trace = KVTrace()
         self.state: dict = {}
         self._name = f"tokensieve_kv_{next(_IDS)}"
@@ -112,10 +116,13 @@ class KVSieve:
         n_valid = valid.sum(-1).tolist()
         n_ctx = self.state.get(("n_context", layer), n_valid)
         keeps = [resolve_kv_keep(self.keep, c) for c in n_ctx]
-        if all(self.method.is_dense(n, k, phase, layer) for n, k in zip(n_valid, keeps, strict=True)):
+        dense = all(self.method.is_dense(n, k, phase, layer) for n, k in zip(n_valid, keeps, strict=True))
+        if dense or self.shadow:
+            result = self._original(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                    **kwargs)
+        if dense:
             self.trace.record_dense(layer, valid)
-            return self._original(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                  **kwargs)
+            return result
         scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
         out = query.new_zeros(bsz, q_len, query.shape[1], query.shape[-1])
         sets = []
@@ -130,8 +137,12 @@ class KVSieve:
                 self._tick(t0, t1, time.perf_counter())
             out[b, rows] = out_b[0].transpose(0, 1).to(out.dtype)
             sets.append(_last_query_set(call, pieces[-1], cache_idx))
+            if self.shadow:
+                from .fidelity import accumulate
+
+                accumulate(self.trace.stats, call, pieces[-1], out_b[0, :, -1], result[0][b, -1])
         self.trace.record(layer, sets)
-        return out, None
+        return (result if self.shadow else (out, None))
 
     def _call(self, b, query, key, value, valid, positions, phase, layer, keep, n_ctx, scaling, module):
         q_len, n_all = query.shape[2], key.shape[2]

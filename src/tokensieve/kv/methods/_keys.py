@@ -1,6 +1,9 @@
-"""Per-request caches shared by KV methods: pre-RoPE keys kept incrementally (a growable buffer per slot)."""
+"""Per-request caches shared by KV methods: derived key tensors kept incrementally (a growable buffer per slot),
+e.g. TokenSelect's pre-RoPE keys or FASA's dominant-dimension keys (the official FASA cache stores them apart)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -9,21 +12,31 @@ from ..rope import unrotate
 from .base import Call
 
 
-def prerope_keys(call: Call) -> torch.Tensor:
-    """[H_kv, n, d] keys with RoPE removed (R(-pos)), computed once per new cache entry and kept per slot."""
-    key = ("prerope_k", call.slot)
+def grown(call: Call, name: str, rows: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+    """[X, n, D] buffer for ``call.slot``; ``rows(m, n)`` computes entries m..n-1 ([X, n - m, D]) not yet kept."""
+    key = (name, call.slot)
     buf, m = call.state.get(key, (None, 0))
     n = call.n
     if buf is None or m > n or buf.shape[1] < n:
+        first = rows(0, 0) if buf is None else buf
         cap = max(n, 2 * (buf.shape[1] if buf is not None else 0), 64)
-        new = call.k.new_empty(call.k.shape[1], cap, call.k.shape[-1], dtype=torch.float32)
+        new = first.new_empty(first.shape[0], cap, first.shape[-1])
         if buf is not None and m <= n:
             new[:, :m] = buf[:, :m]
         else:
             m = 0
         buf = new
     if m < n:
-        cos, sin = rope_cos_sin(call.model, call.k_rope[m:n], call.k.float())
-        buf[:, m:n] = unrotate(call.k[0, :, m:n].float(), cos, sin)
+        buf[:, m:n] = rows(m, n)
     call.state[key] = (buf, n)
     return buf[:, :n]
+
+
+def prerope_keys(call: Call) -> torch.Tensor:
+    """[H_kv, n, d] fp32 keys with RoPE removed (R(-pos)), computed once per new cache entry."""
+
+    def rows(m: int, n: int) -> torch.Tensor:
+        cos, sin = rope_cos_sin(call.model, call.k_rope[m:n], call.k.float())
+        return unrotate(call.k[0, :, m:n].float(), cos, sin)
+
+    return grown(call, "prerope_k", rows)

@@ -25,6 +25,7 @@ from typing import ClassVar
 
 import torch
 
+from ._keys import grown
 from .base import Call, KVMethod, KVMethodError, Piece
 
 
@@ -80,9 +81,13 @@ class FASA(KVMethod):
 
     def plan(self, call: Call) -> list[Piece]:
         dims = self.extra["table"][call.layer].to(call.q.device)  # [H, 2F]
-        n_heads, n_kv = call.q.shape[1], call.k.shape[1]
+        g = call.q.shape[1] // call.k.shape[1]
         q = torch.gather(call.q[0, :, 0].float(), 1, dims)  # [H, 2F]
-        k = call.k[0].float().repeat_interleave(n_heads // n_kv, dim=0)  # [H, n, d]
-        k = torch.gather(k, 2, dims[:, None, :].expand(-1, call.n, -1))
+
+        def rows(m: int, n: int) -> torch.Tensor:  # dominant-dim keys per query head, kept incrementally
+            k = call.k[0, :, m:n].float().repeat_interleave(g, dim=0)
+            return torch.gather(k, 2, dims[:, None, :].expand(-1, n - m, -1))
+
+        k = grown(call, "fasa_k", rows)  # [H, n, 2F]
         scores = torch.matmul(k, q[:, :, None])[..., 0]  # [H, n]
         return [Piece(0, 1, idx=scores.topk(min(call.keep, call.n), dim=-1).indices)]

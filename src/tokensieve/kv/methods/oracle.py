@@ -17,8 +17,10 @@ from .base import Call, KVMethod, Piece
 def head_logits(call: Call) -> torch.Tensor:
     """[H, q, n] attention logits with HF's h // g mapping (fp32)."""
     n_heads, n_kv = call.q.shape[1], call.k.shape[1]
-    k = call.k[0].float().repeat_interleave(n_heads // n_kv, dim=0)
-    return torch.matmul(call.q[0].float(), k.transpose(-1, -2)) * call.scaling
+    g, q_len = n_heads // n_kv, call.q.shape[2]
+    q = call.q[0].float().reshape(n_kv, g * q_len, -1)  # heads j*g..j*g+g-1 read KV head j
+    logits = torch.matmul(q, call.k[0].float().transpose(-1, -2)) * call.scaling  # [H_kv, g*q, n]
+    return logits.view(n_heads, q_len, -1)
 
 
 @dataclass
