@@ -83,14 +83,14 @@ def make_sample(task: str, length: int, rng: random.Random, n_distract: int = 0)
     return Sample(tokens, answer, task, pos, [(b[1], b[2]) for b in others])
 
 
-def training_sequence(length: int, rng: random.Random) -> tuple[list[int], list[int]]:
-    """(tokens, labels) for training: a random task, its question and answer, then up to 6 more questions on
+def training_sequence(length: int, rng: random.Random, extra: int = 6) -> tuple[list[int], list[int]]:
+    """(tokens, labels) for training: a random task, its question and answer, then up to ``extra`` questions on
     distractor needles. labels[i] is the target of position i (already shifted); -100 off-answer."""
     task = rng.choice(TASKS)
-    sample = make_sample(task, length, rng, n_distract=rng.randrange(4, 12))
+    sample = make_sample(task, length, rng, n_distract=rng.randrange(4, 16))
     tokens = sample.prompt + sample.answer
     labels = [-100] * (len(sample.prompt) - 1) + sample.answer + [-100]
-    for key, value in rng.sample(sample.others, min(6, len(sample.others))):  # MQAR-style extra questions
+    for key, value in rng.sample(sample.others, min(extra, len(sample.others))):  # MQAR-style extra questions
         tokens += [Q, key, A, value]
         labels += [-100, -100, value, -100]
     return tokens, labels
