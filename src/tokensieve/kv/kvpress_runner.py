@@ -16,6 +16,8 @@ import argparse
 import importlib.util
 import json
 import random
+import sys
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -27,6 +29,7 @@ PRESSES = {"snapkv": "SnapKVPress", "streaming_llm": "StreamingLLMPress", "knorm
 def _tasks():
     spec = importlib.util.spec_from_file_location("kv_tasks", Path(__file__).with_name("tasks.py"))
     mod = importlib.util.module_from_spec(spec)
+    sys.modules["kv_tasks"] = mod  # dataclasses look their module up
     spec.loader.exec_module(mod)
     return mod
 
@@ -41,13 +44,15 @@ def make_press(name: str, ratio: float):
 
 
 @torch.no_grad()
-def answer(model, press, prompt: list[int], n_new: int) -> list[int]:
+def answer(model, press, prompt: list[int], n_new: int) -> tuple[list[int], int]:
+    """(greedy answer, cache tokens resident after compressing the context)."""
     from transformers import DynamicCache
 
     ctx, question = prompt[:-3], prompt[-3:]
     cache = DynamicCache()
     with press(model):
         model.model(input_ids=torch.tensor([ctx]), past_key_values=cache)
+    resident = cache.get_seq_length()
     pos = len(ctx)
     ids, out = torch.tensor([question]), []
     for _ in range(n_new):
@@ -57,7 +62,7 @@ def answer(model, press, prompt: list[int], n_new: int) -> list[int]:
         tok = int(logits[0, -1].argmax())
         out.append(tok)
         ids = torch.tensor([[tok]])
-    return out
+    return out, resident
 
 
 def main() -> None:
@@ -72,7 +77,6 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(2)
-    import kvpress
     import transformers
     from transformers import LlamaForCausalLM
 
@@ -96,13 +100,15 @@ def main() -> None:
                         continue
                     rng = random.Random(f"{args.seed}-{length}-{task}")
                     samples = [tasks.make_sample(task, length, rng, n_distract=8) for _ in range(args.n)]
-                    ok = 0
+                    ok, resident = 0, 0
                     for s in samples:
                         ratio = 1.0 - keep / (len(s.prompt) - 3)
-                        ok += int(answer(model, make_press(name, ratio), s.prompt, len(s.answer)) == s.answer)
+                        got, kept = answer(model, make_press(name, ratio), s.prompt, len(s.answer))
+                        ok += int(got == s.answer)
+                        resident += kept
                     row = {"method": label, "keep": keep, "length": length, "task": task, "n": args.n,
-                           "accuracy": ok / args.n, "kvpress": kvpress.__version__ if hasattr(kvpress, "__version__")
-                           else "0.5.x", "transformers": transformers.__version__, "evicts": True}
+                           "accuracy": ok / args.n, "resident_kv": resident / args.n, "evicts": True,
+                           "kvpress": metadata.version("kvpress"), "transformers": transformers.__version__}
                     cut = out.exists() and out.stat().st_size > 0 and not out.read_bytes().endswith(b"\n")
                     with open(out, "a") as f:
                         f.write(("\n" if cut else "") + json.dumps(row) + "\n")
