@@ -38,7 +38,7 @@ def _speed(args, out: Path) -> list[dict]:
 
     done = {json.dumps({k: r[k] for k in ("bench", "method", "n", "keep", "rho") if k in r}) for r in read_rows(out)}
     jobs = [("decode_attention", m, n) for n in _ints(args.speed_lengths) for m in
-            ("tokenselect", "tokenselect_div", "fasa", "oracle", "streaming")]
+            ("tokenselect", "tokenselect_bf16", "fasa", "oracle", "streaming")]
     jobs += [("indexer", "hisa", n) for n in (32768,)] + [("model_latency", "tokenselect", 4096)]
     for bench, m, n in jobs:
         for rho in ((0.0, 0.999) if bench == "indexer" else (None,)):

@@ -32,11 +32,11 @@ def grown(call: Call, name: str, rows: Callable[[int, int], torch.Tensor]) -> to
     return buf[:, :n]
 
 
-def prerope_keys(call: Call) -> torch.Tensor:
-    """[H_kv, n, d] fp32 keys with RoPE removed (R(-pos)), computed once per new cache entry."""
+def prerope_keys(call: Call, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[H_kv, n, d] keys with RoPE removed (R(-pos)) in ``dtype``, computed once per new cache entry."""
 
     def rows(m: int, n: int) -> torch.Tensor:
         cos, sin = rope_cos_sin(call.model, call.k_rope[m:n], call.k.float())
-        return unrotate(call.k[0, :, m:n].float(), cos, sin)
+        return unrotate(call.k[0, :, m:n].float(), cos, sin).to(dtype)
 
-    return grown(call, "prerope_k", rows)
+    return grown(call, f"prerope_k_{dtype}", rows)
