@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .fidelity import summary
+from .methods import make_kv_method
 from .sieve import KVSieve
 from .tasks import make_sample
 
@@ -59,12 +60,13 @@ def run_cell(model, label: str, keep: int, length: int, task: str, n: int, seed:
     samples = [make_sample(task, length, rng, n_distract=8) for _ in range(n)]
     ok = 0
     stats: dict = {}
+    method = make_kv_method(name, **hp)  # one object per cell: FASA calibrates / TSA profiles drift once
     for s in samples:
         x = torch.tensor([s.prompt])
-        with KVSieve(model, name, keep=keep, **hp) as sv:
+        with KVSieve(model, method, keep=keep) as sv:
             out = model.generate(x, max_new_tokens=len(s.answer), do_sample=False, pad_token_id=0)
         ok += int(out[0, len(s.prompt):].tolist() == s.answer)
-        with KVSieve(model, name, keep=keep, shadow=True, **hp) as sv:  # teacher-forced: "A" + answer steps
+        with KVSieve(model, method, keep=keep, shadow=True) as sv:  # teacher-forced: "A" + answer steps
             cache = model(x[:, :-1], use_cache=True).past_key_values
             for tok in [s.prompt[-1], *s.answer[:-1]]:
                 cache = model(torch.tensor([[tok]]), past_key_values=cache, use_cache=True).past_key_values
