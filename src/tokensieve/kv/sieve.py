@@ -124,6 +124,13 @@ class KVSieve:
             self.trace.record_dense(layer, valid)
             return result
         scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+        out = self._sparse(module, query, key, value, valid, positions, phase, layer, keeps, n_ctx, scaling,
+                           result[0] if self.shadow else None)
+        return result if self.shadow else (out, None)
+
+    def _sparse(self, module, query, key, value, valid, positions, phase, layer, keeps, n_ctx, scaling, dense):
+        """The method's plan and attention, one sample at a time -> [B, q, H, d]; records the trace."""
+        bsz, _, q_len, _ = query.shape
         out = query.new_zeros(bsz, q_len, query.shape[1], query.shape[-1])
         sets = []
         for b in range(bsz):
@@ -137,12 +144,12 @@ class KVSieve:
                 self._tick(t0, t1, time.perf_counter())
             out[b, rows] = out_b[0].transpose(0, 1).to(out.dtype)
             sets.append(_last_query_set(call, pieces[-1], cache_idx))
-            if self.shadow:
+            if dense is not None:
                 from .fidelity import accumulate
 
-                accumulate(self.trace.stats, call, pieces[-1], out_b[0, :, -1], result[0][b, -1])
+                accumulate(self.trace.stats, call, pieces[-1], out_b[0, :, -1], dense[b, -1])
         self.trace.record(layer, sets)
-        return (result if self.shadow else (out, None))
+        return out
 
     def _call(self, b, query, key, value, valid, positions, phase, layer, keep, n_ctx, scaling, module):
         q_len, n_all = query.shape[2], key.shape[2]

@@ -100,28 +100,33 @@ class HISA(KVMethod):
         if mask.shape[-1] == s_len and layer == min(sieve.state.get("first_layer", layer), layer):
             sieve.state["first_layer"] = layer
             sieve.trace.reset()
-        out = torch.empty_like(flat)
-        sets, ious = [], []
-        for b in range(bsz):
-            cols = torch.nonzero(visible[b, -1]).view(-1)
-            vis = visible[b][:, cols]
-            rows = vis.any(-1)
-            idx = torch.zeros(s_len, flat.shape[-1], dtype=torch.long, device=flat.device)
-            sel = hisa_topk(q[b, rows], w[b, rows], k[b, cols], vis[rows], flat.shape[-1], self.block, self.m,
-                            module.softmax_scale)
-            idx[rows, : sel.shape[1]] = cols[sel]
-            idx[rows, sel.shape[1] :] = cols[sel[:, :1]] if sel.shape[1] < flat.shape[-1] else 0
-            out[b] = idx.to(flat.dtype)
-            ious.append(selection_iou(idx[rows], flat[b, rows], visible[b, rows]))
-            last = idx[-1][visible[b, -1][idx[-1]]]
-            sets.append(last.unique().view(1, -1))
-        iou = torch.cat(ious)
+        out, sets, iou = self._select(q, w, k, visible, flat, module.softmax_scale)
         stats = sieve.trace.stats
         stats["hisa_iou_sum"] = stats.get("hisa_iou_sum", 0.0) + float(iou.sum())
         stats["hisa_iou_n"] = stats.get("hisa_iou_n", 0) + iou.numel()
         stats["hisa_iou_min"] = min(stats.get("hisa_iou_min", 1.0), float(iou.min()))
         sieve.trace.record(layer, sets)
         return out
+
+    def _select(self, q, w, k, visible, flat, scale):
+        """Per sample, on its valid keys (blocks start at its first real token): indices [B, S, k] like the
+        flat indexer's, the last query's set per sample, and the per-query IoU against ``flat``."""
+        s_len = q.shape[1]
+        out = torch.empty_like(flat)
+        sets, ious = [], []
+        for b in range(q.shape[0]):
+            cols = torch.nonzero(visible[b, -1]).view(-1)
+            vis = visible[b][:, cols]
+            rows = vis.any(-1)
+            idx = torch.zeros(s_len, flat.shape[-1], dtype=torch.long, device=flat.device)
+            sel = hisa_topk(q[b, rows], w[b, rows], k[b, cols], vis[rows], flat.shape[-1], self.block, self.m, scale)
+            idx[rows, : sel.shape[1]] = cols[sel]
+            idx[rows, sel.shape[1] :] = cols[sel[:, :1]] if sel.shape[1] < flat.shape[-1] else 0
+            out[b] = idx.to(flat.dtype)
+            ious.append(selection_iou(idx[rows], flat[b, rows], visible[b, rows]))
+            last = idx[-1][visible[b, -1][idx[-1]]]
+            sets.append(last.unique().view(1, -1))
+        return out, sets, torch.cat(ious)
 
 
 def _visible(mask: torch.Tensor) -> torch.Tensor:
