@@ -1,0 +1,85 @@
+"""Shared vectorised KV selection ops: the DSA lightning-indexer score, its flat top-k and HISA's hierarchical
+(block -> token) top-k. Shapes: q [S, H, D], w [S, H] (per-head weights), k [T, D] (one MQA key per token),
+visible [S, T] bool (causal and padding)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+NEG = float("-inf")
+
+
+def indexer_scores(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """I[s, t] = Σ_h w[s, h] · ReLU(scale · q[s, h] · k[t]) -> [S, T] (fp32), as DeepSeek-V3.2's indexer."""
+    scores = torch.relu(torch.matmul(q.float(), k.float().transpose(-1, -2).unsqueeze(0)) * scale)  # [S, H, T]
+    return torch.matmul(w.float().unsqueeze(1), scores).squeeze(1)
+
+
+def flat_topk(q, w, k, visible, topk: int, scale: float) -> torch.Tensor:
+    """The flat indexer's selection: top-``topk`` of I over visible keys -> [S, min(topk, T)] token indices."""
+    scores = indexer_scores(q, w, k, scale).masked_fill(~visible, NEG)
+    return scores.topk(min(topk, k.shape[0]), dim=-1).indices
+
+
+def pool_keys(k: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pooled [M, D] block means, blocks [M, D, B] zero-padded, laid out for stage 2). Both grow with the cache
+    and are maintained incrementally in a serving system; the microbenchmark builds them once."""
+    t = k.shape[0]
+    n_blocks = math.ceil(t / block)
+    pad = n_blocks * block - t
+    kp = torch.nn.functional.pad(k.float(), (0, 0, 0, pad)).view(n_blocks, block, -1)
+    counts = torch.full((n_blocks,), float(block), device=k.device)
+    counts[-1] = block - pad
+    return kp.sum(1) / counts[:, None], kp.transpose(1, 2).contiguous()
+
+
+def block_scores(q, w, pooled, visible, block: int, scale: float) -> torch.Tensor:
+    """Stage 1: J[s, b] on mean-pooled block keys; causally invisible blocks -inf, first and last visible
+    blocks +inf (always kept, as the tilelang kernel) -> [S, M]."""
+    n_blocks = pooled.shape[0]
+    pad = n_blocks * block - visible.shape[1]
+    vis = torch.nn.functional.pad(visible, (0, pad)).view(visible.shape[0], n_blocks, block).any(-1)
+    j = indexer_scores(q, w, pooled, scale).masked_fill(~vis, NEG)
+    ar = torch.arange(n_blocks, device=pooled.device)
+    first = torch.where(vis, ar, n_blocks).min(-1).values
+    last = torch.where(vis, ar, -1).max(-1).values
+    rows = torch.arange(vis.shape[0], device=pooled.device)
+    j[rows, first.clamp(max=n_blocks - 1)] = float("inf")
+    j[rows, last.clamp(min=0)] = float("inf")
+    return j
+
+
+def hisa_topk(q, w, k, visible, topk: int, block: int, m: int, scale: float, chunk: int = 16,
+              pooled: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """HISA: top-``m`` blocks (first and last forced), then the token top-``topk`` inside them -> [S, k'] with
+    k' = min(topk, T). When the blocks number <= m it is exactly the flat indexer. ``pooled``: from
+    :func:`pool_keys` (computed here when None)."""
+    t = k.shape[0]
+    n_blocks = math.ceil(t / block)
+    if n_blocks <= m:
+        return flat_topk(q, w, k, visible, topk, scale)
+    means, blocks_t = pooled if pooled is not None else pool_keys(k, block)
+    top_blocks = block_scores(q, w, means, visible, block, scale).topk(m, dim=-1).indices  # [S, m]
+    vis_p = torch.nn.functional.pad(visible, (0, n_blocks * block - t))
+    offs = torch.arange(block, device=k.device)
+    out = []
+    for s0 in range(0, q.shape[0], chunk):
+        s1 = min(s0 + chunk, q.shape[0])
+        blocks = top_blocks[s0:s1]
+        tok = (blocks[..., None] * block + offs).flatten(1)  # [s, m*B]
+        sc = torch.relu(torch.matmul(q[s0:s1, None].float(), blocks_t[blocks]) * scale)  # [s, m, H, B]
+        sc = torch.matmul(w[s0:s1, None, None].float(), sc).squeeze(2).flatten(1)  # [s, m*B]
+        sc = sc.masked_fill(~torch.gather(vis_p[s0:s1], 1, tok), NEG)
+        pick = sc.topk(min(topk, t, tok.shape[1]), dim=-1).indices
+        out.append(torch.gather(tok, 1, pick))
+    return torch.cat(out)
+
+
+def selection_iou(a: torch.Tensor, b: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """Per-query IoU of two index sets [S, k] restricted to visible keys [S, T] -> [S]."""
+    sa = torch.zeros_like(visible).scatter_(1, a.long(), True) & visible
+    sb = torch.zeros_like(visible).scatter_(1, b.long(), True) & visible
+    union = (sa | sb).sum(-1).clamp(min=1)
+    return (sa & sb).sum(-1) / union
