@@ -165,10 +165,12 @@ def test_large_seed_works_and_bad_seeds_fail_at_construction():
 
 
 @pytest.mark.parametrize("name", ["fastv", "dart", "random"])
-def test_layer_none_fails_at_construction(name):
+def test_bad_layer_fails_at_construction(name):
     model, _ = build("llava")
     with pytest.raises(MethodError, match="layer"):
         tokensieve.sieve(model, name, keep=4, layer="2")
-    if name != "random":  # random with layer=None is the projector stage
-        with pytest.raises(MethodError, match="layer"):
-            tokensieve.sieve(model, name, keep=4, layer=None)
+    with pytest.raises(MethodError, match="layer"):
+        tokensieve.sieve(model, name, keep=4, layer=2.5)
+    # layer=None is the default: the paper's layer scaled with depth (fastv, dart), the projector stage (random)
+    with tokensieve.sieve(model, name, keep=4, layer=None) as s:
+        assert s.plan is not None

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AttentionInterface, GPT2Config, GPT2LMHeadModel
 
+import tokensieve
 from tokensieve.kv import (
     KVBudgetError,
     KVMethodError,
@@ -221,3 +222,16 @@ def test_tokenselect_decode_plan_matches_official_steps():
                 state={}, slot=(0, 0))
     piece = TokenSelect(n_init=n_init, n_local=n_local).plan(call)[0]
     assert torch.equal(piece.idx[0], want)
+
+
+def test_top_level_sieve_routes_kv_methods():
+    m, x = model(), ids()
+    with torch.no_grad():
+        with KVSieve(m, "tokenselect", keep=40, **TS) as direct:
+            ref = m(x).logits
+        with tokensieve.sieve(m, "tokenselect", keep=40, **TS) as routed:
+            out = m(x).logits
+    assert isinstance(routed, KVSieve) and torch.equal(ref, out)
+    assert torch.equal(direct.trace.kv_selected(layer=1, step=0), routed.trace.kv_selected(layer=1, step=0))
+    with pytest.raises(tokensieve.UnsupportedModelError):  # a visual method on a causal LM still says so
+        tokensieve.sieve(m, "fastv", keep=4)

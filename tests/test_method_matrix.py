@@ -31,22 +31,19 @@ KEEP_ALL_KWARGS: dict[str, dict] = {"pdrop": {"lam": 1.0}}
 KEEPS_NEWLINES = {"catp", "flowcut", "hiprune", "idpruner", "pool", "tcc", "todre", "visionzip", "zoo"}
 UNSUPPORTED: dict[str, set[str]] = {}  # method -> families it refuses at construction (checked to refuse clearly)
 # (method, family, budget or "keep_all") -> (check, reason): strict xfails, so a fix shows up as XPASS(strict).
-KNOWN_BUGS: dict[tuple[str, str, str], tuple[str, str]] = {
-    ("pool", "llava_next", "ratio"): (
-        "count",
-        "pool on LLaVA-NeXT unpadded tiles keeps too few tokens (11, not 8 + 4)",
-    ),
-    ("dart", "llava", "count"): (
-        "batch",
-        "DART's picks depend on the batch (padding/position): alone != in batch of 4",
-    ),
-}
+KNOWN_BUGS: dict[tuple[str, str, str], tuple[str, str]] = {}
 
 
 def _expected_final(method, n: int, always_keep: int) -> int:
     """The documented final count: the budget of the method's last stage; LLaVA-NeXT newline tokens
     (``always_keep``) stay on top of it for the methods that keep them."""
     layers = method.llm_layers(4) if method.stage == "llm" else [0]
+    if hasattr(method, "kept_count"):  # SparseVLM: recycled clusters on top of each stage's count
+        count = n
+        for stage in range(len(layers)):
+            k = method.budget(n, stage_index=stage, n_layers=4)
+            count = method.kept_count(count, k) if k < count else count
+        return count
     count = method.budget(n, stage_index=len(layers) - 1, n_layers=4)
     if method.name in KEEPS_NEWLINES:
         count += always_keep

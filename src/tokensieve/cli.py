@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench.show import add_show_parser
     from .horizon import add_horizon_parser
 
+    sub.add_parser("kv-bench", help="KV-cache selection: methods x budgets x context lengths (see kv-bench --help)")
+    sub.add_parser("kv-calibrate-fasa", help="write FASA's dominant-frequency calibration file beside a causal LM")
     add_bench_parser(sub)
     add_show_parser(sub)
     add_horizon_parser(sub)
@@ -79,6 +81,11 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    if argv[:1] in (["kv-bench"], ["kv-calibrate-fasa"]):  # the KV family's commands have their own parser
+        from .kv.cli import main as kv_main
+
+        kv_main(argv)
+        return 0
     if argv[:1] == ["train-tiny"]:  # everything after it, --help included, belongs to the training script
         args = argparse.Namespace(func=_cmd_train_tiny, rest=argv[1:])
     else:

@@ -108,5 +108,12 @@ def sieve(
     >>> with tokensieve.sieve(model, "divprune", keep=64) as s:   # doctest: +SKIP
     ...     out = model.generate(**inputs, max_new_tokens=20)
     >>> s.trace.kept(sample=0, image=0)                             # doctest: +SKIP
+
+    A KV-selection method (``tokensieve.kv.list_kv_methods()``: ``tokenselect``, ``hisa``, ...) on a causal LM
+    returns a :class:`tokensieve.kv.KVSieve` instead (``keep``: KV tokens each query attends).
     """
+    from .kv import KVSieve, is_kv_method  # lazy: the KV family loads only when asked for
+
+    if is_kv_method(method) or type(method).__module__.startswith("tokensieve.kv."):
+        return KVSieve(model, method, 2048 if keep is None else keep, **kwargs)
     return Sieve(model, method, keep, **kwargs)

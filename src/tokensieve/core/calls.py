@@ -180,13 +180,27 @@ class Calls:
             request.cols, request.layout_valid = request.cols.to(device), request.layout_valid.to(device)
             request.positions, request.next_orig = request.positions.to(device), request.next_orig.to(device)
 
+    def _signal_rope(self, request: Request, hidden: torch.Tensor, layer_rope):
+        """RoPE for the q/k that methods read: the layer's own, but counted from each sample's first real token.
+        A plain forward of a left-padded batch without ``position_ids`` numbers the pads (HF's default), which
+        leaves attention unchanged but shifts rotated keys (DART's key norms), so a decision would depend on
+        padding. generate() and unpadded prompts start at 0 already and keep the layer's own tensors."""
+        pos = request.positions
+        if pos.dim() != 2:  # M-RoPE ids come from the model's own mask-aware index
+            return layer_rope
+        first = pos.masked_fill(~request.layout_valid, torch.iinfo(pos.dtype).max).amin(1, keepdim=True)
+        if not bool((first > 0).any()):
+            return layer_rope
+        return self.adapter.rotary(hidden, (pos - first).clamp(min=0))
+
     def _own_qk(self, request: Request, index: int, hidden: torch.Tensor, kwargs) -> None:
         segment = request.segment_for(index)
         if segment is not None:
             segment = segment.on(hidden.device)
             if segment.cos_sin is None:
                 segment.cos_sin = self.adapter.rotary(hidden, segment.positions)
-        cos_sin = kwargs["position_embeddings"] if segment is None else segment.cos_sin
+        layer_rope = kwargs["position_embeddings"] if segment is None else segment.cos_sin
+        cos_sin = self._signal_rope(request, hidden, layer_rope)
         with torch.no_grad():
             q, k = self.adapter.layer_qk(index, hidden, cos_sin)
         request.own_qk[index] = {
@@ -212,7 +226,9 @@ class Calls:
         if index in self.plan.capture_plan:
             request.captures[index] = {
                 "cols": request.cols, "valid": request.layout_valid, "hidden": hidden.detach(),
-                "cos_sin": kwargs["position_embeddings"] if segment is None else segment.cos_sin,
+                "cos_sin": self._signal_rope(
+                    request, hidden, kwargs["position_embeddings"] if segment is None else segment.cos_sin
+                ),
             }  # fmt: skip
         if segment is None:
             return None if hidden is original else _with_hidden(args, kwargs, hidden, dict(kwargs))
