@@ -90,7 +90,9 @@ def test_llava_kept_rows_and_answers_equal_the_hf_sieve(name):
         hf_kept = s.trace.kept(0, 0)
     x, z = _llava_features(model, inputs)
     projector = model.model.multi_modal_projector
-    chosen = select_rows(method, llava_context(z, pre_features=x, project=project_fn(projector), projector=projector))
+    ctx = llava_context(z, pre_features=x, project=project_fn(projector), projector=projector,
+                        pixels=inputs["pixel_values"][0])  # fmt: skip
+    chosen = select_rows(method, ctx)
     assert chosen.kept.tolist() == hf_kept.tolist()
     assert chosen.rows.shape[0] == placeholder_count(method, z.shape[0]) == len(hf_kept)
 
@@ -168,7 +170,8 @@ def test_qwen_kept_rows_and_mrope_ids_equal_the_hf_sieve(name, size):
     def project(x):
         return merger(x.reshape(-1, x.shape[-1] // (merge * merge)))
 
-    ctx = qwen_context(z, grid, merge, pre_features=pre, project=project, projector=merger)
+    ctx = qwen_context(z, grid, merge, pre_features=pre, project=project, projector=merger,
+                       pixels=inputs["pixel_values"])  # fmt: skip  (one image: all its patch rows)
     chosen = select_rows(method, ctx)
     assert chosen.kept.tolist() == hf_kept.tolist()
 

@@ -199,8 +199,7 @@ class Calls:
             segment = segment.on(hidden.device)
             if segment.cos_sin is None:
                 segment.cos_sin = self.adapter.rotary(hidden, segment.positions)
-        layer_rope = kwargs["position_embeddings"] if segment is None else segment.cos_sin
-        cos_sin = self._signal_rope(request, hidden, layer_rope)
+        cos_sin = kwargs["position_embeddings"] if segment is None else segment.cos_sin  # attention: shift-free
         with torch.no_grad():
             q, k = self.adapter.layer_qk(index, hidden, cos_sin)
         request.own_qk[index] = {

@@ -70,8 +70,8 @@ class DART(LLMMethod):
     paper = "Stop Looking for Important Tokens in Multimodal Language Models: Duplication Matters More (DART)"
     arxiv = "2502.11494"
     fidelity = (
-        "faithful (per image; indices within the sample's own sequence). Key L1 norms depend on absolute RoPE "
-        "positions: a plain forward of a left-padded batch without position_ids shifts them (generate() does not)"
+        "faithful (per image; indices within the sample's own sequence; keys rotated at positions counted from "
+        "the sample's first real token, so left padding never changes the picks)"
     )
 
     def __post_init__(self) -> None:

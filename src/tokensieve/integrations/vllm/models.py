@@ -82,9 +82,9 @@ class SievedLlava(LlavaForConditionalGeneration):
         pre = list(pre.unbind(0)) if isinstance(pre, torch.Tensor) else list(pre)
         projector = self.multi_modal_projector
         method, rows = _method(), []
-        for x in pre:
+        for x, pixels in zip(pre, image_input["pixel_values"], strict=True):
             z = projector(x)
-            ctx = llava_context(z, pre_features=x, project=project_fn(projector), projector=projector)
+            ctx = llava_context(z, pre_features=x, project=project_fn(projector), projector=projector, pixels=pixels)
             chosen = select_rows(method, ctx)
             _record(z.shape[0], chosen.kept)
             rows.append(chosen.rows)
@@ -149,10 +149,12 @@ class SievedQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
         pre = self._pre_features(captured.get("x"), grid_thw, merge)
         project = self._project(merge)
         out, offset = [], 0
-        for emb, size in zip(embeds, grid_thw, strict=True):
+        pixels = _per_image_pixels(image_input, grid_thw)
+        for emb, size, image_pixels in zip(embeds, grid_thw, pixels, strict=True):
             x = None if pre is None else pre[offset : offset + emb.shape[0]]
             offset += emb.shape[0]
-            ctx = qwen_context(emb, tuple(size), merge, pre_features=x, project=project, projector=self.visual.merger)
+            ctx = qwen_context(emb, tuple(size), merge, pre_features=x, project=project, projector=self.visual.merger,
+                               pixels=image_pixels)  # fmt: skip
             chosen = select_rows(method, ctx)
             _record(emb.shape[0], chosen.kept)
             positions = qwen_kept_positions(tuple(size), merge, chosen.kept).to(emb.device, emb.dtype)
@@ -179,3 +181,11 @@ class SievedQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
             return out[0] if isinstance(out, tuple) else out
 
         return project
+
+
+def _per_image_pixels(image_input, grid_thw: list[list[int]]) -> list[torch.Tensor | None]:
+    """Each image's flattened patch rows (None for precomputed embeddings): the content key's source."""
+    if image_input["type"] == "image_embeds":
+        return [None] * len(grid_thw)
+    sizes = [int(t * h * w) for t, h, w in grid_thw]
+    return list(torch.split(image_input["pixel_values"], sizes))

@@ -19,6 +19,7 @@ import torch
 
 from tokensieve.adapters.base import square_grid
 from tokensieve.context import ImageContext, Selection
+from tokensieve.core.images import content_key
 from tokensieve.methods import Method, MethodError, make_method
 
 VLLM_METHODS = ("divprune", "pool", "random", "zoo")
@@ -50,18 +51,24 @@ class ImageRows:
     rows: torch.Tensor  # [k, D] features[kept], merged values where the method merges
 
 
-def llava_context(features: torch.Tensor, pre_features=None, project=None, projector=None) -> ImageContext:
-    """LLaVA-1.5 image: tokens on a square grid, one crop (as the HF LLaVA adapter lays them out)."""
+def llava_context(
+    features: torch.Tensor, pre_features=None, project=None, projector=None, pixels: torch.Tensor | None = None
+) -> ImageContext:
+    """LLaVA-1.5 image: tokens on a square grid, one crop (as the HF LLaVA adapter lays them out). ``pixels``
+    [3, H, W]: the image's pixel values, hashed into the content key that seeds randomised methods (the HF sieve
+    hashes the same tensor, so both paths draw the same tokens)."""
     n = features.shape[0]
     rc, hw = square_grid(n)
     return _context(features, rc.to(features.device), hw, torch.zeros(n, dtype=torch.long), pre_features, project,
-                    projector, "llava")  # fmt: skip
+                    projector, "llava", pixels)  # fmt: skip
 
 
 def qwen_context(
-    features: torch.Tensor, grid_thw: tuple[int, int, int], merge: int, pre_features=None, project=None, projector=None
+    features: torch.Tensor, grid_thw: tuple[int, int, int], merge: int, pre_features=None, project=None,
+    projector=None, pixels: torch.Tensor | None = None,
 ) -> ImageContext:
-    """Qwen2/2.5-VL image: merge units on a ``(h / merge) x (w / merge)`` grid per frame, one group per frame."""
+    """Qwen2/2.5-VL image: merge units on a ``(h / merge) x (w / merge)`` grid per frame, one group per frame.
+    ``pixels`` [t*h*w, C]: the image's flattened patch rows (hashed into the content key, as the HF sieve does)."""
     t, h, w = (int(v) for v in grid_thw)
     gh, gw = h // merge, w // merge
     n = features.shape[0]
@@ -70,10 +77,10 @@ def qwen_context(
     idx = torch.arange(n, device=features.device) % (gh * gw)
     groups = torch.arange(n, device=features.device) // (gh * gw)
     return _context(features, torch.stack([idx // gw, idx % gw], 1), (gh, gw), groups, pre_features, project,
-                    projector, "qwen2_vl")  # fmt: skip
+                    projector, "qwen2_vl", pixels)  # fmt: skip
 
 
-def _context(features, grid_rc, grid_hw, groups, pre_features, project, projector, family) -> ImageContext:
+def _context(features, grid_rc, grid_hw, groups, pre_features, project, projector, family, pixels) -> ImageContext:
     n = features.shape[0]
     return ImageContext(
         sample=0,
@@ -89,6 +96,7 @@ def _context(features, grid_rc, grid_hw, groups, pre_features, project, projecto
         project=project,
         projector_module=projector,
         family=family,
+        content_key=None if pixels is None else content_key(pixels),
     )
 
 
