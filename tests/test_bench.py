@@ -358,3 +358,14 @@ def test_bench_cli_standalone(tmp_path, tiny, capsys):
     assert "| none | - | 1.0 (ref) |" in printed
     assert len(read_rows(out / RESULTS_FILE)) == 3
     assert parse_keep("64") == 64 and parse_keep("0.11") == 0.11 and isinstance(parse_keep("1.0"), float)
+
+
+def test_ratio_budgets_become_one_count_for_every_method(tiny):
+    from tokensieve.bench.cell import equal_count_keep
+    from tokensieve.methods.base import make_method
+
+    model = tiny[0]  # 16 tokens per image, fixed by the family
+    assert make_method("divprune", keep=0.22).budget(16) == 4  # DivPrune's own rounding: round(3.52)
+    assert make_method("random", keep=0.22).budget(16) == 3  # floor
+    assert equal_count_keep(model, 0.22) == 3 and equal_count_keep(model, 4) == 4 and equal_count_keep(model, 1.0) == 1.0
+    assert make_method("divprune", keep=equal_count_keep(model, 0.22)).budget(16) == 3

@@ -44,3 +44,25 @@ def test_pipeline_keeps_one_trace_per_prefill(family_name):
         assert trace.num_images() == 1 and torch.equal(trace.kept(0, 0), kept)
     kept_batched = sorted(tuple(t.kept(b, 0).tolist()) for t in batched for b, _ in t.images)
     assert kept_batched == sorted(tuple(k.tolist()) for k in expected)
+
+
+def test_pipeline_chat_messages_on_the_embedded_model():
+    """Chat-message input goes through the embedded model's chat template and answers as the direct prompt does."""
+    from transformers import pipeline
+
+    from tokensieve import embedded
+
+    model, processor = embedded.load()
+    image, question = embedded.sample()
+    pipe = pipeline("image-text-to-text", model=model, processor=processor)
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
+    with tokensieve.sieve(model, "divprune", keep=0.25) as s:
+        out = pipe(text=messages, max_new_tokens=3, return_full_text=False)
+    assert len(s.traces) == 1 and s.trace.kept(0, 0).numel() == s.methods[0].budget(s.trace.images[(0, 0)]["n_tokens"])
+    answer = out[0]["generated_text"].strip()
+    assert answer, out  # the template gives the trained prompt, so the model answers (an empty answer: wrong prompt)
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=[image], text=[prompt], return_tensors="pt")
+    with tokensieve.sieve(model, "divprune", keep=0.25), torch.no_grad():
+        ids = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert answer == processor.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()

@@ -120,6 +120,16 @@ def method_kwargs(method: str, average_budget: bool) -> dict:
     return {"average_budget": True} if "average_budget" in names else {}
 
 
+def equal_count_keep(model, keep: Keep) -> Keep:
+    """The bench's budget as a token count where the family fixes the tokens per image (LLaVA-1.5, the embedded
+    model): ``floor(r * n)`` for every method, so methods whose official code rounds a ratio another way (DivPrune,
+    HiPrune: ``round``) are compared at the same count instead of one token more."""
+    fixed = get_adapter(model).fixed_tokens_per_image()
+    if fixed is None or not isinstance(keep, float) or keep >= 1.0:
+        return keep
+    return resolve_keep(keep, fixed)
+
+
 def last_image(trace, sample: int) -> int:
     """Index of a sample's last image: the one asked about (in-context prompts put demonstrations first)."""
     return max(i for s, i in trace.images if s == sample)
@@ -209,6 +219,7 @@ def evaluate_cell(
     the method raises."""
     task = prepared.task
     kwargs = method_kwargs(method, average_budget)
+    keep = equal_count_keep(prepared.model, keep)
 
     def make_context():
         if method == REFERENCE:
