@@ -185,8 +185,9 @@ def test_lowrank():
 
 def test_fusion_options_differ():
     ctx = _random_ctx(n=64)
-    product = Zoo(fusion="product").select(ctx, 24)
-    total = Zoo(fusion="sum").select(ctx, 24)
+    # seed 1: with seed 0's bank both rules happen to keep the same 24 of these 64 random tokens
+    product = Zoo(fusion="product", seed=1).select(ctx, 24)
+    total = Zoo(fusion="sum", seed=1).select(ctx, 24)
     assert product.numel() == total.numel() == 24
     assert product[0] == total[0]  # both start at argmax S_hat
     assert set(product.tolist()) != set(total.tolist())

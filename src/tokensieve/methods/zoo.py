@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..budget import resolve_keep, split_budget
-from ..context import ImageContext
+from ..context import ImageContext, seeded_generator
 from ..ops import greedy_max_min, greedy_sum_fusion, minmax_normalise
 from ..ops.zoo_sensitivity import (
     exact_mlp_sensitivity,
@@ -35,8 +35,10 @@ class Zoo(Method):
     features Z = M(X) [n, D] (``features``). Query-agnostic: no text is read.
 
     1. Sensitivity ``S(i) = (1/m) sum_j ||M(x_i + h u_j) - M(x_i - h u_j)|| / (2h)`` with one bank of ``m``
-       Gaussian directions normalised to unit norm, shared by every token of the image (all crops), drawn from
-       ``ctx.generator(seed)``. Two projector calls per chunk of ``chunk_rows`` (token, direction) rows.
+       Gaussian directions normalised to unit norm, shared by every token (all crops, every image), drawn from
+       ``seed`` alone (:func:`tokensieve.context.seeded_generator` with no content key): the picks are then a
+       function of the image's features and the seed, also when another engine (vLLM) encodes the image. Two
+       projector calls per chunk of ``chunk_rows`` (token, direction) rows.
     2. ``S_hat = (S - min S) / (max S - min S + 1e-8)``, all ones when S is constant.
     3. SADS on Z with ``D = 1 - cos``: first ``argmax S_hat``, then ``argmax S_hat(i) * min_{p in P} D(i, p)``
        (``fusion="product"``, the code) or ``S_hat(i) + min_p D(i, p)`` (``fusion="sum"``, the paper's ablation).
@@ -155,7 +157,7 @@ class Zoo(Method):
                 module = projector_copy(module, self.lowrank, torch.float32)
             return exact_mlp_sensitivity(module, x, self.chunk_rows)
         project, _, dtype = self._projection(ctx, d_in)
-        directions = unit_directions(self.m, d_in, ctx.generator(self.seed))
+        directions = unit_directions(self.m, d_in, seeded_generator(self.seed, content_key=0))  # one bank
         x = x.to(dtype)
         if self.estimator == "jvp":
             return jvp_sensitivity(project, x, directions, self.chunk_rows)
