@@ -206,20 +206,24 @@ def _run_lmms_eval(tmp: Path, method: str, keep, simple: bool) -> tuple[float, l
 @pytest.mark.integration
 @pytest.mark.skipif(not HAS_LMMS, reason="lmms-eval is not importable here; .ci/integration builds its venv")
 def test_lmms_eval_command_matches_tokensieve_bench(tmp_path):
+    from tokensieve.bench.cell import equal_count_keep
     from tokensieve.bench.runner import BenchConfig, run_bench
 
     write_task(tmp_path / "tasks", limit=LIMIT)
     model, processor = _embedded()
+    # Stage budgets (what the lmms-eval model runs with keep=...), not the bench's layer-averaged default.
     config = BenchConfig(
         methods=[m for m, k, _ in CELLS if k is not None], keeps=[1.0, 0.11], batch_size=8,
-        repeats=1, latency_batch=1, n_viz=0, progress=False,
+        latency_batch=1, n_viz=0, progress=False, average_budget=False,
     )  # fmt: skip
     rows = run_bench(model, processor, load_task("synthetic", limit=LIMIT), tmp_path / "bench", config,
                      write_report=False).rows  # fmt: skip
     bench = {row["method"]: row for row in rows}
     samples = make_split("test", LIMIT)
     for method, _keep, simple in CELLS:
-        score, logged = _run_lmms_eval(tmp_path, method, _keep, simple)
+        # the bench gives every method one token count on this fixed-size family (floor(0.11 * 144) = 15)
+        count = None if _keep is None else equal_count_keep(model, _keep)
+        score, logged = _run_lmms_eval(tmp_path, method, count, simple)
         row = bench[method]
         assert row["status"] == "ok", row
         assert [r["doc_id"] for r in logged] == list(range(len(samples)))
