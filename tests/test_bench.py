@@ -370,3 +370,12 @@ def test_ratio_budgets_become_one_count_for_every_method(tiny):
     assert equal_count_keep(model, 0.22) == 3 and equal_count_keep(model, 4) == 4
     assert equal_count_keep(model, 1.0) == 1.0
     assert make_method("divprune", keep=equal_count_keep(model, 0.22)).budget(16) == 3
+
+
+def test_stage_budgets_run_in_llm_methods_at_their_stage_count(tmp_path, tiny):
+    config = _config(methods=["fastv"], keeps=(1.0, 0.25), average_budget=False)
+    result = run_bench(*tiny, load_task("synthetic", limit=1), tmp_path / "stage", config, model_name="tiny",
+                       write_report=False)  # fmt: skip
+    row = {r["cell"]: r for r in result.rows}["fastv@0.25"]
+    assert row["status"] == "ok" and row["visual_tokens"] == 4  # the stage count, kept from layer 1 on
+    assert row["visual_tokens_layer_avg"] > row["budget_tokens"]  # so its layer average is above the budget
