@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .viz import finish_figure
+
 
 def layer_information(info: torch.Tensor) -> torch.Tensor:
     """Mean absolute information per layer, [n_layers]."""
@@ -91,10 +93,4 @@ def plot_information(
     elif horizon is not None:
         ax1.set_title(f"no horizon within {len(layers)} layers", fontsize=9)
     ax1.legend(fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return finish_figure(fig, path, title)

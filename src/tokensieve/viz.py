@@ -187,11 +187,18 @@ def picture_grid(
                 panel = row[c]
                 ax.imshow(overlay(images[i], panel.kept, panel.info, view=view))
                 ax.set_title(panel.title, fontsize=7, color=panel.color)
+    return finish_figure(fig, path, title, dpi=100, title_size=9)
+
+
+def finish_figure(fig, path: str | Path, title: str | None = None, dpi: int = 110, title_size: int = 10) -> Path:
+    """Title, lay out, save and close a matplotlib figure (every picture of the project ends here)."""
+    import matplotlib.pyplot as plt
+
     if title:
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(title, fontsize=title_size)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..budget import Keep
+from ..viz import finish_figure
 
 REFERENCE = "none"
 BASELINE = "random"  # drawn grey in every panel: the baseline every method should beat
@@ -104,13 +105,7 @@ def plot_accuracy(rows: Sequence[dict], path: str | Path, x: str = "tokens", tit
         ax.legend(fontsize=7, loc="lower right")
     axes[0][0].set_ylabel("mean accuracy (%)")
     axes[0][0].set_ylim(-3, 103)  # markers at 0% or 100% stay visible
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return finish_figure(fig, path, title)
 
 
 def panel_title(row: dict, index: int) -> tuple[str, str]:
