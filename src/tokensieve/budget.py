@@ -25,20 +25,27 @@ class BudgetError(ValueError):
     """A ``keep`` value that cannot be turned into a token count."""
 
 
-def validate_keep(keep: object, name: str = "keep") -> Keep:
-    """Check the type and range of a budget before any forward pass and return it unchanged."""
+def validate_keep(
+    keep: object,
+    name: str = "keep",
+    count: str = "token count per image (int, e.g. 64)",
+    whole: str = "each image's tokens",
+    error: type[ValueError] = BudgetError,
+) -> Keep:
+    """Check the type and range of a budget before any forward pass and return it unchanged. ``count`` and
+    ``whole`` word the messages (the KV family passes its own); ``error`` is the exception raised."""
     if isinstance(keep, bool) or not isinstance(keep, Real):
-        raise BudgetError(
-            f"{name}={keep!r} is not a number: pass a token count per image (int, e.g. 64) "
-            f"or a fraction of each image's tokens (float in (0, 1], e.g. 0.111)."
+        raise error(
+            f"{name}={keep!r} is not a number: pass a {count} "
+            f"or a fraction of {whole} (float in (0, 1], e.g. 0.111)."
         )
     if isinstance(keep, Integral):
         if keep <= 0:
-            raise BudgetError(f"{name}={keep} must be a positive token count (e.g. 64) or a fraction in (0, 1].")
+            raise error(f"{name}={keep} must be a positive {count} or a fraction in (0, 1].")
         return int(keep)
     if not math.isfinite(keep) or not 0.0 < float(keep) <= 1.0:
-        raise BudgetError(
-            f"{name}={keep} is a float, so it is read as a fraction of each image's tokens and must lie in (0, 1]; "
+        raise error(
+            f"{name}={keep} is a float, so it is read as a fraction of {whole} and must lie in (0, 1]; "
             f"pass an int for a token count."
         )
     return float(keep)
