@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -42,3 +44,13 @@ def make_inputs(family: str, padding_side: str = "left", images_per_prompt: int 
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A saved tiny 3-layer LLaVA (model and processor) for tests that load a model by path (CLI, torchrun)."""
+    folder = tmp_path_factory.mktemp("model")
+    model, proc = tiny_llava(layers=3)
+    model.save_pretrained(folder)
+    proc.save_pretrained(folder)
+    return folder

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from tokensieve.bench.runner import RESULTS_FILE, SHARDS_DIR, append_row, merge_shards, read_rows
-from tokensieve.testing import tiny_llava
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 BIN = Path(sys.executable).parent
@@ -34,15 +33,6 @@ def _launch(launcher: list[str], args: list[str], cwd: Path) -> subprocess.Compl
 
 def _lines(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / RESULTS_FILE).read_text().splitlines() if line.strip()]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("model")
-    model, proc = tiny_llava(layers=3)
-    model.save_pretrained(folder)
-    proc.save_pretrained(folder)
-    return folder
 
 
 def _torchrun() -> list[str]:

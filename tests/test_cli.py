@@ -20,18 +20,9 @@ from tokensieve.bench import show as bench_show
 from tokensieve.bench.parallel import RunLock
 from tokensieve.bench.runner import RESULTS_FILE, read_rows
 from tokensieve.cli import main
-from tokensieve.testing import random_image, tiny_llava
+from tokensieve.testing import random_image
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("model")
-    model, proc = tiny_llava(layers=3)
-    model.save_pretrained(folder)
-    proc.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture
