@@ -11,6 +11,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from tokensieve.embedded import synthetic
+from tokensieve.embedded.batches import BatchBuilder, pixel_tensor
 from tokensieve.embedded.build import EMBEDDED_DIR, build_processor, build_tokenizer, load_embedded
 from tokensieve.embedded.evaluate import accuracy, answer
 from tokensieve.embedded.synthetic import (
@@ -22,7 +23,6 @@ from tokensieve.embedded.synthetic import (
     make_split,
     prompt_for,
 )
-from tokensieve.embedded.train_v1 import BatchBuilder, pixel_tensor
 
 # Minimum per-family accuracy of the shipped model on the first 40 test samples per family: the project's
 # target, 0.90 on every family (the shipped weights reach 1.00 / 1.00 / 0.97 / 1.00 / 1.00 on the full test split).

@@ -3,6 +3,7 @@ the quick-start loader, and the resumable training recipe (on a tiny configurati
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
@@ -73,7 +74,7 @@ def test_processor_warns_on_unknown_words():
 
 def test_v2_objects_span_many_tokens_and_v1_is_unchanged():
     v2 = make_split("test", 12, layout="v2")
-    v1 = make_split("test", 12)
+    v1 = make_split("test", 12, layout="v1")
     colour_tokens = [len(s.relevant_tokens) for s in v2 if s.family == "color"]
     assert np.mean(colour_tokens) >= 8 > np.mean([len(s.relevant_tokens) for s in v1 if s.family == "color"])
     assert {s.family for s in v2} == set(FAMILIES)
@@ -82,6 +83,20 @@ def test_v2_objects_span_many_tokens_and_v1_is_unchanged():
         np.asarray(s.image).tobytes() for s in make_split("test", 2, layout="v2")
     ]
     assert make_split("test", 1, layout=V1)[0].question == v1[0].question
+
+
+def test_default_layout_is_the_shipped_models(tmp_path, monkeypatch):
+    from tokensieve.embedded import scenes
+
+    (tmp_path / "config.json").write_text(json.dumps({"embedded_layout": "v2"}))
+    monkeypatch.setattr(scenes, "SHIPPED_MODEL_DIR", tmp_path)
+    assert scenes.get_layout() is V2
+    assert [s.question for s in make_split("test", 2)] == [s.question for s in make_split("test", 2, layout="v2")]
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))  # predates the field: v1
+    assert scenes.get_layout() is V1
+    assert scenes.layout_of_folder(tmp_path / "missing") == "v1"
+    with pytest.raises(ValueError, match="unknown scene layout"):
+        scenes.get_layout("v3")
 
 
 def test_captions_name_every_object_and_hard_negatives_differ():

@@ -26,6 +26,7 @@ from .usage import (
     check_out_dir,
     positive_int,
     report,
+    synthetic_layout,
 )
 
 # The default run (embedded model, all methods, 5 budgets: ~85 cells) has to finish, set-up included, in ~10 minutes
@@ -204,7 +205,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         try:
-            task = load_task(args.task, limit=args.limit, data=args.data, split=args.split, image_dir=args.image_dir)
+            task = load_task(args.task, limit=args.limit, data=args.data, split=args.split, image_dir=args.image_dir,
+                             layout=synthetic_layout(args.model))  # fmt: skip
         except (OSError, ValueError) as error:
             raise UsageError(f"could not load --task {args.task}: {error}") from None
         model, processor, name = load_model(args.model, args.device, args.dtype)

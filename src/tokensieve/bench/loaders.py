@@ -19,7 +19,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..embedded.synthetic import FAMILIES, IMAGE_TOKEN, Sample, make_split, prompt_for
+from ..embedded.synthetic import FAMILIES, IMAGE_TOKEN, Sample, get_layout, make_split, prompt_for
 from .metrics import exact_match, vqa_match, yes_no_match
 
 TASKS = ("synthetic", "pope", "gqa")
@@ -48,19 +48,22 @@ def load_task(
     split: str | None = None,
     image_dir: str | None = None,
     cache_dir: str | None = None,
+    layout: str | None = None,
 ) -> Task:
-    """Load a benchmark task with at most ``limit`` questions per family (the first ones, in dataset order)."""
+    """Load a benchmark task with at most ``limit`` questions per family (the first ones, in dataset order).
+
+    ``layout`` is the synthetic task's scene layout (default: the shipped embedded model's)."""
     name = name.lower()
     if name == "synthetic":
         split = split or "test"
-        samples = make_split(split, limit if limit is not None else 40)
+        samples = make_split(split, limit if limit is not None else 40, layout=layout)
         return Task(
             name="synthetic",
             samples=samples,
             match=exact_match,
             max_new_tokens=2,
             families=FAMILIES,
-            source=f"embedded synthetic, split {split}",
+            source=f"embedded synthetic, split {split}, layout {get_layout(layout).name}",
         )
     if name == "pope":
         return load_pope(data or "lmms-lab/POPE", split or "test", limit, image_dir, cache_dir)

@@ -7,6 +7,7 @@ Every argument and path is checked here, before a model loads: argparse ``type=`
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -121,6 +122,15 @@ def check_model_spec(spec: str | None) -> str | None:
     if HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
         return spec
     raise UsageError(f"--model {spec}: no such folder, and not a Hub id (org/name); pass a model folder or Hub id")
+
+
+def synthetic_layout(spec: str | None) -> str | None:
+    """The synthetic scene layout for ``--model``: the ``embedded_layout`` of a local embedded checkpoint,
+    else ``None`` (the shipped model's)."""
+    config = Path(spec).expanduser() / "config.json" if spec not in (None, "", "embedded") else None
+    if config is None or not config.is_file():
+        return None
+    return json.loads(config.read_text()).get("embedded_layout")
 
 
 def check_device(device: str | None) -> str | None:

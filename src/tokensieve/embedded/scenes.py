@@ -14,7 +14,9 @@ Two scene layouts (:class:`Layout`):
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -252,10 +254,25 @@ def render_scene(scene: Scene, rng: np.random.Generator) -> tuple[Image.Image, T
     return image, TokenLabels(object_class.reshape(-1), digit_label.reshape(-1), anchor.reshape(-1)), covered
 
 
-def get_layout(layout: Layout | str) -> Layout:
-    """A :class:`Layout` from itself or its name (``"v1"``, ``"v2"``)."""
+SHIPPED_MODEL_DIR = Path(__file__).resolve().parent / "model"
+
+
+def layout_of_folder(folder: str | Path) -> str:
+    """The scene layout a saved embedded model was trained on: its config's ``embedded_layout`` ("v1" for
+    checkpoints that predate the field, and for folders that are not embedded models)."""
+    config = Path(folder) / "config.json"
+    if not config.is_file():
+        return "v1"
+    return json.loads(config.read_text()).get("embedded_layout", "v1")
+
+
+def get_layout(layout: Layout | str | None = None) -> Layout:
+    """A :class:`Layout` from itself or its name (``"v1"``, ``"v2"``); ``None`` is the shipped model's layout,
+    so the task set always matches the model that ships with the package."""
     if isinstance(layout, Layout):
         return layout
+    if layout is None:
+        layout = layout_of_folder(SHIPPED_MODEL_DIR)
     if layout not in LAYOUTS:
         raise ValueError(f"unknown scene layout {layout!r}; expected one of {sorted(LAYOUTS)}")
     return LAYOUTS[layout]

@@ -15,9 +15,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from tokensieve.embedded.batches import BatchBuilder, pixel_tensor
 from tokensieve.embedded.clip_stage import caption, caption_ids, clip_losses, hard_negative
 from tokensieve.embedded.synthetic import ANSWER_MARK, V2, TrainingExample, make_training_example
-from tokensieve.embedded.train_v1 import BatchBuilder, pixel_tensor
 
 
 def examples(rng: np.random.Generator, n: int, max_turns: int = 8) -> list[TrainingExample]:

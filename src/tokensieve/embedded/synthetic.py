@@ -109,7 +109,9 @@ class TrainingExample:
     scene: Scene | None = None
 
 
-def make_training_example(rng: np.random.Generator, max_turns: int = 8, layout: Layout | str = V1) -> TrainingExample:
+def make_training_example(
+    rng: np.random.Generator, max_turns: int = 8, layout: Layout | str | None = None
+) -> TrainingExample:
     """A random scene built for one balanced primary question, plus derived questions (other families
     first, then further ones in rounds), without repeating a question; turns are shuffled."""
     family = _pick(rng, FAMILIES)
@@ -133,7 +135,7 @@ def make_training_example(rng: np.random.Generator, max_turns: int = 8, layout: 
     return TrainingExample(image=image, turns=pairs, labels=labels, pointers=pointers, scene=scene)
 
 
-def make_sample(family: str, answer: str, rng: np.random.Generator, layout: Layout | str = V1) -> Sample:
+def make_sample(family: str, answer: str, rng: np.random.Generator, layout: Layout | str | None = None) -> Sample:
     """One single-image sample of ``family`` whose answer is ``answer``."""
     layout = get_layout(layout)
     objects, question, relevant = build(family, answer, rng, layout)
@@ -146,14 +148,19 @@ def _rng(split: str, seed: int, *keys: int) -> np.random.Generator:
     return np.random.default_rng([SPLIT_CODES[split], seed, *keys])
 
 
-def make_split(split: str, n_per_family: int, seed: int | None = None, layout: Layout | str = V1) -> list[Sample]:
+def make_split(
+    split: str, n_per_family: int, seed: int | None = None, layout: Layout | str | None = None
+) -> list[Sample]:
     """``n_per_family`` samples of every family, answers cycling evenly over the family's answer set.
+
+    ``layout`` (a :class:`Layout` or its name) defaults to the shipped model's scene layout.
 
     ``"val"`` and ``"test"`` are fixed by their name (``seed`` is ignored); ``"train"`` draws from the
     stream selected by ``seed`` (default 0). Splits use disjoint random streams.
     """
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be 'train', 'val' or 'test', not {split!r}")
+    layout = get_layout(layout)
     stream_seed = FIXED_SPLIT_SEEDS[split] if split in FIXED_SPLIT_SEEDS else (seed or 0)
     samples = []
     for family_index, family in enumerate(FAMILIES):
@@ -164,12 +171,13 @@ def make_split(split: str, n_per_family: int, seed: int | None = None, layout: L
     return samples
 
 
-def make_incontext(n_queries: int, shots: int = 2, seed: int = 0, layout: Layout | str = V1) -> list[Sample]:
+def make_incontext(n_queries: int, shots: int = 2, seed: int = 0, layout: Layout | str | None = None) -> list[Sample]:
     """Multi-image prompts: ``shots`` answered demonstrations of the same family, then one query image.
 
     Families cycle over :data:`FAMILIES`; ``Sample.image`` is the list of images (query last) and
     ``relevant_tokens`` refers to the query image.
     """
+    layout = get_layout(layout)
     samples = []
     for i in range(n_queries):
         family = FAMILIES[i % len(FAMILIES)]
