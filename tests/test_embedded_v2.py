@@ -160,6 +160,21 @@ def test_recipe_runs_every_stage_and_resumes_exactly(tmp_path: Path):
     assert not (stopped / "train.lock").exists()
 
 
+def test_stages_not_begun_may_change_their_steps_on_resume(tmp_path: Path):
+    run = train_v2.Run(train_v2.V2Config(**TINY), tmp_path)
+    run.new_optimizer()
+    run.step = 1  # inside the CLIP stage
+    run.save()
+    later = {**TINY, "align_steps": TINY["align_steps"] + 5, "instruct_lr": 0.01}
+    assert train_v2.Run(train_v2.V2Config(**later), tmp_path).resume()
+    with pytest.raises(train_v2.CheckpointMismatchError, match="clip_steps"):
+        train_v2.Run(train_v2.V2Config(**{**TINY, "clip_steps": TINY["clip_steps"] + 5}), tmp_path).resume()
+    run.stage, run.step = 1, 0  # the align stage is about to begin (as finish_stage leaves it): still free
+    run.new_optimizer()
+    run.save()
+    assert train_v2.Run(train_v2.V2Config(**later), tmp_path).resume()
+
+
 def test_quick_start_answers_the_sample():
     import tokensieve
 

@@ -61,6 +61,12 @@ class CheckpointMismatchError(RunFolderError):
 RUNTIME_FIELDS = {"eval_every", "eval_per_family"}  # may change between a run and its resumption
 
 
+def _unstarted_fields(stage: int, step: int) -> set[str]:
+    """Steps, batch and learning rate of the stages not begun at (``stage``, ``step``): free to change."""
+    first = stage + (step > 0)
+    return {f"{name}_{what}" for name in STAGES[first:] for what in ("steps", "batch", "lr")}
+
+
 class Run:
     """Model, CLIP teacher, optimizer and data stream of one training run, with save/resume."""
 
@@ -119,8 +125,9 @@ class Run:
         if not self.state_path.exists():
             return False
         state = torch.load(self.state_path, weights_only=False)
-        saved = {k: v for k, v in state["config"].items() if k not in RUNTIME_FIELDS}
-        current = {k: v for k, v in asdict(self.config).items() if k not in RUNTIME_FIELDS}
+        free = RUNTIME_FIELDS | _unstarted_fields(state["stage"], state["step"])
+        saved = {k: v for k, v in state["config"].items() if k not in free}
+        current = {k: v for k, v in asdict(self.config).items() if k not in free}
         if saved != current:
             changed = sorted(k for k in current if saved.get(k) != current[k])
             raise CheckpointMismatchError(
