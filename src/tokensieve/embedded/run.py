@@ -39,7 +39,7 @@ class V2Config:
     align_steps: int = 1200
     align_batch: int = 16
     align_lr: float = 1e-3
-    instruct_steps: int = 4500
+    instruct_steps: int = 2400
     instruct_batch: int = 16
     instruct_lr: float = 6e-4
     warmup_steps: int = 100
