@@ -5,6 +5,8 @@ visible [S, T] bool (causal and padding)."""
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -83,3 +85,50 @@ def selection_iou(a: torch.Tensor, b: torch.Tensor, visible: torch.Tensor) -> to
     sb = torch.zeros_like(visible).scatter_(1, b.long(), True) & visible
     union = (sa | sb).sum(-1).clamp(min=1)
     return (sa & sb).sum(-1) / union
+
+
+# Grouped scores run as a compiled kernel on contiguous CPU float32 keys when numba is installed (a dependency
+# of the package); TOKENSIEVE_NUMBA=0 forces torch.matmul, which other devices and dtypes always use.
+USE_NUMBA = os.environ.get("TOKENSIEVE_NUMBA", "1") != "0"
+
+
+def _numba_kernel():
+    if not USE_NUMBA:
+        return None
+    try:
+        from . import _score_numba
+    except ImportError:
+        return None
+    return _score_numba
+
+
+def group_scores(keys: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """s[j, a, i] = fp[j, a] . keys[j, i] -> [H_kv, g, n] float32, for keys [H_kv, n, d] and fp [H_kv, g, d].
+
+    Same values as ``torch.matmul`` up to float summation order (the compiled kernel reads each key once)."""
+    kernel = _numba_kernel()
+    ok = keys.device.type == "cpu" and keys.dtype == torch.float32 and keys.shape[1] > 0
+    if kernel is None or not ok or not all(keys[j].is_contiguous() for j in range(keys.shape[0])):
+        return torch.matmul(keys, fp.to(keys.dtype).transpose(-1, -2)).float().transpose(-1, -2)
+    n_kv, g, d = fp.shape
+    g4 = -(-g // 4) * 4
+    f = torch.zeros(n_kv, g4, d, dtype=torch.float32)
+    f[:, :g] = fp
+    out = torch.empty(n_kv, g4, keys.shape[1], dtype=torch.float32)
+    jobs = [(keys[j].numpy(), f[j].numpy(), out[j].numpy()) for j in range(n_kv)]
+    threads = min(torch.get_num_threads(), n_kv)
+    if threads > 1:  # the kernel releases the GIL: one KV head per task, as many workers as torch threads
+        list(_pool(threads).map(lambda a: kernel.scores_rows(*a), jobs))
+    else:
+        for a in jobs:
+            kernel.scores_rows(*a)
+    return out[:, :g]
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    if threads not in _POOLS:
+        _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="tokensieve-kv")
+    return _POOLS[threads]

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ..families import rope_cos_sin
+from ..ops import group_scores
 from ..rope import rotate, unrotate
 from ._keys import prerope_keys
 from .base import Call, KVMethod, KVMethodError, Piece
@@ -114,7 +115,7 @@ class TokenSelect(KVMethod):
             grouped = fp.view(n_kv, g, -1)  # head h = j * g + i reads kv j
         else:
             grouped = fp.view(g, n_kv, -1).transpose(0, 1)  # head h = i * H_kv + j reads kv j
-        scores = torch.matmul(grouped.to(keys.dtype), keys.transpose(-1, -2)).float()  # [H_kv, g, n_cand]
+        scores = group_scores(keys, grouped)  # [H_kv, g, n_cand] fp32; softmax along the last axis of it
         votes = torch.softmax(scores, dim=-1).sum(dim=(0, 1))
         if self.kernel_size > 0:
             votes = F.max_pool1d(votes[None], self.kernel_size, 1, (self.kernel_size - 1) // 2)[0]

@@ -1,0 +1,77 @@
+"""The fast paths of KV selection give the same selections as the plain torch formulation (no timing here:
+speed lives in ``tokensieve.kv.speed``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tokensieve.kv import ops
+from tokensieve.kv.attend import attend, grouped_sdpa
+from tokensieve.kv.families import model_info
+from tokensieve.kv.methods.base import Call, Piece
+from tokensieve.kv.methods.tokenselect import TokenSelect
+from tokensieve.kv.testing import tiny_causal_lm
+
+
+@pytest.mark.parametrize("g", [1, 2, 4, 7])
+def test_group_scores_kernel_equals_matmul_and_selects_the_same_tokens(g, monkeypatch):
+    gen = torch.Generator().manual_seed(g)
+    buf = torch.randn(3, 3000, 64, generator=gen)
+    keys = buf[:, 5:2905]  # a slice of a growable per-slot buffer, as TokenSelect passes it
+    fp = torch.randn(3, g, 64, generator=gen)
+    fast = ops.group_scores(keys, fp)
+    monkeypatch.setattr(ops, "USE_NUMBA", False)
+    ref = ops.group_scores(keys, fp)
+    want = torch.matmul(fp, keys.transpose(-1, -2))
+    assert fast.shape == ref.shape == (3, g, 2900)
+    assert torch.allclose(fast, want, atol=1e-4) and torch.allclose(ref, want, atol=1e-4)
+    vote = lambda s: torch.softmax(s, -1).sum((0, 1)).topk(300).indices.sort().values  # noqa: E731
+    assert torch.equal(vote(fast), vote(want)) and torch.equal(vote(ref), vote(want))
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_grouped_sdpa_equals_repeated_kv(shared):
+    """Packing each GQA group's heads as query rows equals SDPA on repeat_interleave'd K/V (HF's h // g)."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 8, 3, 16, generator=gen)
+    k, v = torch.randn(1, 2, 20, 16, generator=gen), torch.randn(1, 2, 20, 16, generator=gen)
+    mask = torch.rand(3, 20, generator=gen) > 0.3 if shared else torch.rand(8, 3, 20, generator=gen) > 0.3
+    mask[..., 0] = True
+    want = F.scaled_dot_product_attention(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1),
+                                          attn_mask=mask[None, None] if shared else mask[None], scale=0.3)
+    got = grouped_sdpa(q, k, v, mask, 0.3)
+    assert torch.allclose(got, want, atol=1e-6)
+    assert torch.allclose(grouped_sdpa(q, k, v, None, 0.3),
+                          F.scaled_dot_product_attention(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1),
+                                                         scale=0.3), atol=1e-6)
+
+
+def test_shared_selection_attention_equals_dense_on_the_gathered_keys():
+    """A decode piece with a shared idx (and one masked slot) equals SDPA over exactly those keys."""
+    m = tiny_causal_lm("llama")
+    gen = torch.Generator().manual_seed(1)
+    info = model_info(m)
+    n, h, hk, d = 50, info.n_heads, info.n_kv_heads, info.head_dim
+    q, k, v = torch.randn(1, h, 1, d, generator=gen), torch.randn(1, hk, n, d), torch.randn(1, hk, n, d)
+    pos = torch.arange(n)
+    call = Call(q=q, k=k, v=v, q_pos=pos[-1:], k_rope=pos, q_rope=pos[-1:], phase="decode", layer=0, keep=10,
+                n_context=n, scaling=0.2, model=m, info=info, state={}, slot=(0, 0))
+    idx = torch.tensor([[0, 3, 7, 7, 20, 49]])
+    valid = torch.tensor([[True, True, True, False, True, True]])
+    got = attend(call, [Piece(0, 1, idx=idx, valid=valid)])
+    sel = torch.tensor([0, 3, 7, 20, 49])
+    rep = h // hk
+    want = F.scaled_dot_product_attention(q, k[:, :, sel].repeat_interleave(rep, 1),
+                                          v[:, :, sel].repeat_interleave(rep, 1), scale=0.2)
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_tokenselect_fast_vote_matches_torch_vote(monkeypatch):
+    gen = torch.Generator().manual_seed(3)
+    fp, keys = torch.randn(8, 32, generator=gen), torch.randn(2, 4000, 32, generator=gen)
+    ts = TokenSelect()
+    fast = ts.vote(fp, keys).topk(200).indices
+    monkeypatch.setattr(ops, "USE_NUMBA", False)
+    assert torch.equal(fast, ts.vote(fp, keys).topk(200).indices)
