@@ -75,3 +75,14 @@ def test_tokenselect_fast_vote_matches_torch_vote(monkeypatch):
     fast = ts.vote(fp, keys).topk(200).indices
     monkeypatch.setattr(ops, "USE_NUMBA", False)
     assert torch.equal(fast, ts.vote(fp, keys).topk(200).indices)
+
+
+def test_head_scores_kernel_equals_matvec_and_selects_the_same_tokens(monkeypatch):
+    gen = torch.Generator().manual_seed(4)
+    buf, q = torch.randn(6, 5000, 32, generator=gen), torch.randn(6, 32, generator=gen)
+    fast = ops.head_scores(buf, 4100, q)
+    monkeypatch.setattr(ops, "USE_NUMBA", False)
+    ref = ops.head_scores(buf, 4100, q)
+    want = torch.einsum("hnd,hd->hn", buf[:, :4100], q)
+    assert fast.shape == (6, 4100) and torch.allclose(fast, want, atol=1e-4) and torch.allclose(ref, want, atol=1e-4)
+    assert torch.equal(fast.topk(256, -1).indices, want.topk(256, -1).indices)

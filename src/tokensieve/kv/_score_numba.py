@@ -36,3 +36,17 @@ def scores_rows(k, f, out):  # pragma: no cover - compiled
             out[a0 + 1, i] = s1
             out[a0 + 2, i] = s2
             out[a0 + 3, i] = s3
+
+
+@njit(cache=True, fastmath=True, boundscheck=False, nogil=True)
+def scores_heads(buf, n, f, out):  # pragma: no cover - compiled
+    """buf [H, cap, d] C-contiguous float32 (rows 0..n-1 valid), f [H, d], out [H, n]: one query per head."""
+    h, _, d = buf.shape
+    for j in range(h):
+        fj = f[j]
+        for i in range(n):
+            row = buf[j, i]
+            s = np.float32(0.0)
+            for c in range(d):
+                s += fj[c] * row[c]
+            out[j, i] = s

@@ -27,8 +27,10 @@ def gather_kv(t: torch.Tensor, idx: torch.Tensor, n_heads: int) -> torch.Tensor:
     safe = idx.clamp(min=0)
     if idx.shape[0] == 1:
         return t.index_select(2, safe[0])
-    heads = _heads_for(idx, n_heads, t.shape[1])
-    return t[0][heads[:, None], safe].unsqueeze(0)
+    n_kv, n, d = t.shape[1:]
+    heads = _heads_for(idx, n_heads, n_kv)
+    flat = (heads[:, None] * n + safe).view(-1)  # one index_select on [H_kv * n, d]: faster than t[heads, idx]
+    return t[0].reshape(n_kv * n, d).index_select(0, flat).view(1, idx.shape[0], idx.shape[1], d)
 
 
 def grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

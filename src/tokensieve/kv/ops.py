@@ -125,6 +125,17 @@ def group_scores(keys: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
     return out[:, :g]
 
 
+def head_scores(buf: torch.Tensor, n: int, q: torch.Tensor) -> torch.Tensor:
+    """s[h, i] = q[h] . buf[h, i] for i < n -> [H, n] float32; buf [H, cap, D] (a growable per-slot buffer,
+    rows >= n unused), q [H, D]. Same values as a batched mat-vec up to float summation order."""
+    kernel = _numba_kernel()
+    if kernel is None or buf.device.type != "cpu" or buf.dtype != torch.float32 or not buf.is_contiguous():
+        return torch.matmul(buf[:, :n], q.to(buf.dtype)[:, :, None])[..., 0].float()
+    out = torch.empty(buf.shape[0], n, dtype=torch.float32)
+    kernel.scores_heads(buf.numpy(), n, q.float().contiguous().numpy(), out.numpy())
+    return out
+
+
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 
 
