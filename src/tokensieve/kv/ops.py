@@ -14,8 +14,10 @@ NEG = float("-inf")
 
 
 def indexer_scores(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """I[s, t] = Σ_h w[s, h] · ReLU(scale · q[s, h] · k[t]) -> [S, T] (fp32), as DeepSeek-V3.2's indexer."""
-    scores = torch.relu(torch.matmul(q.float(), k.float().transpose(-1, -2).unsqueeze(0)) * scale)  # [S, H, T]
+    """I[s, t] = Σ_h w[s, h] · ReLU(scale · q[s, h] · k[t]) -> [S, T] (fp32), as DeepSeek-V3.2's indexer (same op
+    order as transformers' ``DeepseekV32Indexer``). ``k`` [T, D] shared by the queries, or [S, T, D] per query."""
+    kt = k.float().transpose(-1, -2)
+    scores = torch.relu(torch.matmul(q.float(), kt if k.dim() == 3 else kt.unsqueeze(0)) * scale)  # [S, H, T]
     return torch.matmul(w.float().unsqueeze(1), scores).squeeze(1)
 
 
@@ -26,15 +28,16 @@ def flat_topk(q, w, k, visible, topk: int, scale: float) -> torch.Tensor:
 
 
 def pool_keys(k: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pooled [M, D] block means, blocks [M, D, B] zero-padded, laid out for stage 2). Both grow with the cache
-    and are maintained incrementally in a serving system; the microbenchmark builds them once."""
+    """(pooled [M, D] block means, blocks [M, B, D]: the keys as blocks, zero-padded, a view when T % B == 0).
+    Both grow with the cache and are maintained incrementally in a serving system; the microbenchmark builds
+    them once."""
     t = k.shape[0]
     n_blocks = math.ceil(t / block)
     pad = n_blocks * block - t
-    kp = torch.nn.functional.pad(k.float(), (0, 0, 0, pad)).view(n_blocks, block, -1)
+    kp = (k.float() if pad == 0 else torch.nn.functional.pad(k.float(), (0, 0, 0, pad))).view(n_blocks, block, -1)
     counts = torch.full((n_blocks,), float(block), device=k.device)
     counts[-1] = block - pad
-    return kp.sum(1) / counts[:, None], kp.transpose(1, 2).contiguous()
+    return kp.sum(1) / counts[:, None], kp
 
 
 def block_scores(q, w, pooled, visible, block: int, scale: float) -> torch.Tensor:
@@ -57,26 +60,34 @@ def hisa_topk(q, w, k, visible, topk: int, block: int, m: int, scale: float, chu
               pooled: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """HISA: top-``m`` blocks (first and last forced), then the token top-``topk`` inside them -> [S, k'] with
     k' = min(topk, T). When the blocks number <= m it is exactly the flat indexer. ``pooled``: from
-    :func:`pool_keys` (computed here when None)."""
+    :func:`pool_keys` (computed here when None). Stage 2 gathers whole blocks ([m, B, D] rows of the block view,
+    not token by token) and scores them with the flat indexer's own formula."""
     t = k.shape[0]
     n_blocks = math.ceil(t / block)
     if n_blocks <= m:
         return flat_topk(q, w, k, visible, topk, scale)
-    means, blocks_t = pooled if pooled is not None else pool_keys(k, block)
+    means, blocks_k = pooled if pooled is not None else pool_keys(k, block)
     top_blocks = block_scores(q, w, means, visible, block, scale).topk(m, dim=-1).indices  # [S, m]
     vis_p = torch.nn.functional.pad(visible, (0, n_blocks * block - t))
     offs = torch.arange(block, device=k.device)
-    out = []
-    for s0 in range(0, q.shape[0], chunk):
-        s1 = min(s0 + chunk, q.shape[0])
-        blocks = top_blocks[s0:s1]
-        tok = (blocks[..., None] * block + offs).flatten(1)  # [s, m*B]
-        sc = torch.relu(torch.matmul(q[s0:s1, None].float(), blocks_t[blocks]) * scale)  # [s, m, H, B]
-        sc = torch.matmul(w[s0:s1, None, None].float(), sc).squeeze(2).flatten(1)  # [s, m*B]
-        sc = sc.masked_fill(~torch.gather(vis_p[s0:s1], 1, tok), NEG)
-        pick = sc.topk(min(topk, t, tok.shape[1]), dim=-1).indices
-        out.append(torch.gather(tok, 1, pick))
+    n_pick = min(topk, t, m * block)
+    if q.shape[0] == 1:  # decode: one query, one gather
+        return _stage2(q, w, blocks_k, top_blocks, vis_p, offs, n_pick, scale)
+    out = [_stage2(q[s0 : s0 + chunk], w[s0 : s0 + chunk], blocks_k, top_blocks[s0 : s0 + chunk],
+                   vis_p[s0 : s0 + chunk], offs, n_pick, scale) for s0 in range(0, q.shape[0], chunk)]
     return torch.cat(out)
+
+
+def _stage2(q, w, blocks_k, blocks, vis_p, offs, n_pick: int, scale: float) -> torch.Tensor:
+    """Token top-``n_pick`` inside each query's blocks [s, m] -> [s, n_pick] token indices."""
+    s_len, m = blocks.shape
+    tok = (blocks[..., None] * blocks_k.shape[1] + offs).flatten(1)  # [s, m*B]
+    if s_len == 1:
+        keys = blocks_k.index_select(0, blocks[0]).flatten(0, 1)  # [m*B, D]
+    else:
+        keys = blocks_k[blocks].flatten(1, 2)  # [s, m*B, D]
+    sc = indexer_scores(q, w, keys, scale).masked_fill(~torch.gather(vis_p, 1, tok), NEG)
+    return torch.gather(tok, 1, sc.topk(n_pick, dim=-1).indices)
 
 
 def selection_iou(a: torch.Tensor, b: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
