@@ -23,14 +23,17 @@ def _heads_for(idx: torch.Tensor, n_heads: int, n_kv: int) -> torch.Tensor:
 
 def gather_kv(t: torch.Tensor, idx: torch.Tensor, n_heads: int) -> torch.Tensor:
     """t [1, H_kv, n, d], idx [G, k] -> [1, G', k, d]: G = 1 gives the shared keys per KV head ([1, H_kv, k, d],
-    not repeated); G = H gives each query head's own keys ([1, H, k, d])."""
+    not repeated); G = H gives each query head's own keys ([1, H, k, d]). One row lookup (``F.embedding``, about
+    2x faster than ``index_select`` on unsorted rows) on the [H_kv * n, d] view of the cache."""
     safe = idx.clamp(min=0)
-    if idx.shape[0] == 1:
-        return t.index_select(2, safe[0])
     n_kv, n, d = t.shape[1:]
+    if not t.is_contiguous():
+        if idx.shape[0] == 1:
+            return t.index_select(2, safe[0])
+        return t[0][_heads_for(idx, n_heads, n_kv)[:, None], safe].unsqueeze(0)
     heads = _heads_for(idx, n_heads, n_kv)
-    flat = (heads[:, None] * n + safe).view(-1)  # one index_select on [H_kv * n, d]: faster than t[heads, idx]
-    return t[0].reshape(n_kv * n, d).index_select(0, flat).view(1, idx.shape[0], idx.shape[1], d)
+    rows = safe.expand(heads.shape[0], -1) + (heads * n)[:, None]  # [G', k] rows of the flat view
+    return F.embedding(rows, t.view(n_kv * n, d)).unsqueeze(0)
 
 
 def grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
