@@ -68,18 +68,20 @@ def hisa_topk(q, w, k, visible, topk: int, block: int, m: int, scale: float, chu
         return flat_topk(q, w, k, visible, topk, scale)
     means, blocks_k = pooled if pooled is not None else pool_keys(k, block)
     top_blocks = block_scores(q, w, means, visible, block, scale).topk(m, dim=-1).indices  # [S, m]
-    vis_p = torch.nn.functional.pad(visible, (0, n_blocks * block - t))
+    n_pad = n_blocks * block - t
+    vis_p = torch.nn.functional.pad(visible, (0, n_pad))
     offs = torch.arange(block, device=k.device)
     n_pick = min(topk, t, m * block)
     if q.shape[0] == 1:  # decode: one query, one gather
-        return _stage2(q, w, blocks_k, top_blocks, vis_p, offs, n_pick, scale)
+        return _stage2(q, w, blocks_k, top_blocks, vis_p, offs, n_pick, scale, n_pad)
     out = [_stage2(q[s0 : s0 + chunk], w[s0 : s0 + chunk], blocks_k, top_blocks[s0 : s0 + chunk],
-                   vis_p[s0 : s0 + chunk], offs, n_pick, scale) for s0 in range(0, q.shape[0], chunk)]
+                   vis_p[s0 : s0 + chunk], offs, n_pick, scale, n_pad) for s0 in range(0, q.shape[0], chunk)]
     return torch.cat(out)
 
 
-def _stage2(q, w, blocks_k, blocks, vis_p, offs, n_pick: int, scale: float) -> torch.Tensor:
-    """Token top-``n_pick`` inside each query's blocks [s, m] -> [s, n_pick] token indices."""
+def _stage2(q, w, blocks_k, blocks, vis_p, offs, n_pick: int, scale: float, n_pad: int) -> torch.Tensor:
+    """Token top-``n_pick`` inside each query's blocks [s, m] -> [s, n_pick] token indices (``n_pad``: zero
+    padding at the end of the last block)."""
     s_len, m = blocks.shape
     tok = (blocks[..., None] * blocks_k.shape[1] + offs).flatten(1)  # [s, m*B]
     if s_len == 1:
@@ -87,7 +89,9 @@ def _stage2(q, w, blocks_k, blocks, vis_p, offs, n_pick: int, scale: float) -> t
     else:
         keys = blocks_k[blocks].flatten(1, 2)  # [s, m*B, D]
     sc = indexer_scores(q, w, keys, scale).masked_fill(~torch.gather(vis_p, 1, tok), NEG)
-    return torch.gather(tok, 1, sc.topk(n_pick, dim=-1).indices)
+    # a query that sees fewer than n_pick candidates also picks -inf slots; those in the zero padding of the
+    # last block (>= T) are clamped to T - 1 so every index is a real (masked) key, as the flat top-k's are
+    return torch.gather(tok, 1, sc.topk(n_pick, dim=-1).indices).clamp_(max=vis_p.shape[1] - 1 - n_pad)
 
 
 def selection_iou(a: torch.Tensor, b: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
