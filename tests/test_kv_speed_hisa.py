@@ -75,3 +75,17 @@ def test_hisa_indices_stay_in_range_when_the_last_block_is_padded():
     assert sel.shape == (60, 16) and int(sel.max()) < 60
     row = sel[59]  # the last query sees everything: 16 distinct visible keys inside <= 3 blocks
     assert row.unique().numel() == 16 and len((row // 8).unique()) <= 3
+
+
+def test_pooled_keys_maintained_incrementally_equal_block_means():
+    from tokensieve.kv.ops import PooledKeys, pool_keys
+
+    g = torch.Generator().manual_seed(2)
+    k = torch.randn(300, 8, generator=g)
+    pk = PooledKeys(32)
+    for t in (70, 71, 140, 300):
+        means = pk.update(k[:t])
+        assert torch.allclose(means, pool_keys(k[:t], 32)[0], atol=1e-6)
+    k2 = k.clone()
+    k2[200:] = torch.randn(100, 8, generator=g)  # same length, other rows (a beam reorder): recomputed
+    assert torch.allclose(pk.update(k2), pool_keys(k2, 32)[0], atol=1e-6)

@@ -40,6 +40,30 @@ def pool_keys(k: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     return kp.sum(1) / counts[:, None], kp
 
 
+class PooledKeys:
+    """Block means of a growing key sequence [T, D], updated with the new keys only (``update``), as HISA's
+    pooled keys are maintained while decoding. Blocks start at the sequence's first key."""
+
+    def __init__(self, block: int) -> None:
+        self.block, self.sums, self.n, self.last = block, None, 0, None
+
+    def update(self, k: torch.Tensor) -> torch.Tensor:
+        """k [T, D] (the first ``n`` rows as before) -> means [ceil(T / B), D] (fp32)."""
+        t, b = k.shape[0], self.block
+        stale = self.sums is None or t < self.n or (self.n > 0 and not torch.equal(k[self.n - 1], self.last))
+        if stale:  # a new sequence, or the old rows changed (e.g. a beam reorder): start over
+            self.sums, self.n = k.new_zeros(0, k.shape[1], dtype=torch.float32), 0
+        n_blocks = math.ceil(t / b)
+        if n_blocks > self.sums.shape[0]:
+            grow = self.sums.new_zeros(max(n_blocks, 2 * self.sums.shape[0]) - self.sums.shape[0], k.shape[1])
+            self.sums = torch.cat([self.sums, grow])
+        self.sums.index_add_(0, torch.arange(self.n, t, device=k.device) // b, k[self.n : t].float())
+        self.n, self.last = t, k[t - 1].clone()
+        counts = torch.full((n_blocks,), float(b), device=k.device)
+        counts[-1] = t - (n_blocks - 1) * b
+        return self.sums[:n_blocks] / counts[:, None]
+
+
 def block_scores(q, w, pooled, visible, block: int, scale: float) -> torch.Tensor:
     """Stage 1: J[s, b] on mean-pooled block keys; causally invisible blocks -inf, first and last visible
     blocks +inf (always kept, as the tilelang kernel) -> [S, M]."""
@@ -60,13 +84,16 @@ def hisa_topk(q, w, k, visible, topk: int, block: int, m: int, scale: float, chu
               pooled: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """HISA: top-``m`` blocks (first and last forced), then the token top-``topk`` inside them -> [S, k'] with
     k' = min(topk, T). When the blocks number <= m it is exactly the flat indexer. ``pooled``: from
-    :func:`pool_keys` (computed here when None). Stage 2 gathers whole blocks ([m, B, D] rows of the block view,
-    not token by token) and scores them with the flat indexer's own formula."""
+    :func:`pool_keys` (computed here when None), or (means, None) with maintained means (:class:`PooledKeys`).
+    Stage 2 gathers whole blocks ([m, B, D] rows of the block view; token rows of k when it has none) and
+    scores them with the flat indexer's own formula."""
     t = k.shape[0]
     n_blocks = math.ceil(t / block)
     if n_blocks <= m:
         return flat_topk(q, w, k, visible, topk, scale)
     means, blocks_k = pooled if pooled is not None else pool_keys(k, block)
+    if blocks_k is None:  # maintained means only: stage 2 gathers tokens from k (blocks zero-padded view absent)
+        blocks_k = k
     top_blocks = block_scores(q, w, means, visible, block, scale).topk(m, dim=-1).indices  # [S, m]
     n_pad = n_blocks * block - t
     vis_p = torch.nn.functional.pad(visible, (0, n_pad))
@@ -83,8 +110,12 @@ def _stage2(q, w, blocks_k, blocks, vis_p, offs, n_pick: int, scale: float, n_pa
     """Token top-``n_pick`` inside each query's blocks [s, m] -> [s, n_pick] token indices (``n_pad``: zero
     padding at the end of the last block)."""
     s_len, m = blocks.shape
-    tok = (blocks[..., None] * blocks_k.shape[1] + offs).flatten(1)  # [s, m*B]
-    if s_len == 1:
+    tok = (blocks[..., None] * offs.shape[0] + offs).flatten(1)  # [s, m*B]
+    if blocks_k.dim() == 2:  # token rows of k [T, D]: padding slots read row T - 1 (masked below)
+        t = blocks_k.shape[0]
+        keys = blocks_k.index_select(0, tok.clamp(max=t - 1).view(-1)).view(s_len, tok.shape[1], -1)
+        keys = keys[0] if s_len == 1 else keys
+    elif s_len == 1:
         keys = blocks_k.index_select(0, blocks[0]).flatten(0, 1)  # [m*B, D]
     else:
         keys = blocks_k[blocks].flatten(1, 2)  # [s, m*B, D]

@@ -178,6 +178,46 @@ def model_latency(label: str, n: int, keep: int, new_tokens: int = 8, reps: int 
             "threads": torch.get_num_threads()}
 
 
+def _deepseek(n: int, keep: int):
+    from transformers import DeepseekV32Config, DeepseekV32ForCausalLM
+
+    cfg = DeepseekV32Config(
+        vocab_size=1024, hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=4, n_group=1,
+        topk_group=1, num_experts_per_tok=2, kv_lora_rank=64, q_lora_rank=64, qk_rope_head_dim=16,
+        v_head_dim=32, qk_nope_head_dim=32, index_topk=keep, index_head_dim=128, index_n_heads=32, head_dim=16,
+        first_k_dense_replace=1, max_position_embeddings=n + 64, attn_implementation="sdpa", pad_token_id=0)
+    torch.manual_seed(0)
+    return DeepseekV32ForCausalLM(cfg).eval()
+
+
+@torch.no_grad()
+def hisa_model_latency(n: int = 4096, keep: int = 512, block: int = 64, m: int = 16, new_tokens: int = 8,
+                       reps: int = 3) -> dict:
+    """Random-weight DeepseekV32 (2 layers, indexer 32 heads x 128): per-token decode with the model's own
+    flat DSA indexer, HISA with the flat reference (IoU recorded) and HISA alone (``flat_reference=False``)."""
+    model = _deepseek(n, keep)
+    x = torch.randint(1, 1024, (1, n), generator=torch.Generator().manual_seed(0))
+    modes = {"flat": None, "hisa_ref": True, "hisa": False}
+    times: dict = {k: [] for k in modes}
+    for r in range(reps):
+        for mode in list(modes)[r % 3:] + list(modes)[: r % 3]:
+            sieve = None if modes[mode] is None else KVSieve(model, "hisa", keep=keep, block=block, m=m,
+                                                               flat_reference=modes[mode])
+            with sieve if sieve is not None else torch.no_grad():
+                out = model(x, use_cache=True)
+                cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                t0 = time.perf_counter()
+                for _ in range(new_tokens):
+                    out = model(tok, past_key_values=cache, use_cache=True)
+                    cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                times[mode].append((time.perf_counter() - t0) / new_tokens)
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    return {"bench": "hisa_model_latency", "method": "hisa", "n": n, "keep": keep, "block": block, "m": m,
+            "flat_decode_ms": med["flat"], "hisa_ref_decode_ms": med["hisa_ref"], "hisa_decode_ms": med["hisa"],
+            "threads": torch.get_num_threads()}
+
+
 if __name__ == "__main__":
     import sys
 

@@ -21,8 +21,9 @@ appends the new keys to the HF indexer cache itself), so the in-model indexer is
 recorded then. The indexer speed-up alone is measured on the ops (``tokensieve.kv.speed.indexer``).
 
 Differences from the paper / tilelang code: scores in fp32 (the kernel pools fp8 keys and runs block top-k in
-bf16); blocks align to the first real token so left padding cannot shift them; pooled keys are recomputed
-per call inside the model (the ops take maintained pooled keys).
+bf16); blocks align to the first real token so left padding cannot shift them. Pooled keys are maintained
+per sample and layer (``ops.PooledKeys``: the new keys' block sums only), so a decode step reads the key cache
+only for the m chosen blocks (plus the flat reference's full pass when it is on).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from typing import ClassVar
 import torch
 
 from ..budget import resolve_kv_keep
-from ..ops import hisa_topk, selection_iou
+from ..ops import PooledKeys, hisa_topk, selection_iou
 from .base import KVMethod, KVMethodError
 
 
@@ -126,16 +127,20 @@ class HISA(KVMethod):
         layer = module.layer_idx
         past = sieve.state.get(("hisa_k", layer))
         if flat is None and kwargs.get("cache") is not None:  # the skipped forward did not append them
-            kwargs["cache"].update_indexer(k, layer)
-        k = k if past is None or mask.shape[-1] == s_len else torch.cat([past, k], dim=1)
-        sieve.state[("hisa_k", layer)] = k
+            k = kwargs["cache"].update_indexer(k, layer)  # the full indexer keys, as the flat indexer uses
+        else:
+            k = k if past is None or mask.shape[-1] == s_len else torch.cat([past, k], dim=1)
+            sieve.state[("hisa_k", layer)] = k
         w = cap["w"].float() * module.n_heads**-0.5
         visible = _visible(mask)
         if mask.shape[-1] == s_len and layer == min(sieve.state.get("first_layer", layer), layer):
             sieve.state["first_layer"] = layer
             sieve.trace.reset()
         topk = min(module.index_topk, k.shape[1])
-        out, sets, iou = self._select(q, w, k, visible, topk, module.softmax_scale, flat)
+        pools = sieve.state.setdefault(("hisa_pool", layer), {})
+        if mask.shape[-1] == s_len:  # a new request: pooled keys start over
+            pools.clear()
+        out, sets, iou = self._select(q, w, k, visible, topk, module.softmax_scale, flat, pools)
         if iou is not None:
             stats = sieve.trace.stats
             stats["hisa_iou_sum"] = stats.get("hisa_iou_sum", 0.0) + float(iou.sum())
@@ -144,7 +149,7 @@ class HISA(KVMethod):
         sieve.trace.record(layer, sets)
         return out
 
-    def _select(self, q, w, k, visible, topk: int, scale: float, flat: torch.Tensor | None):
+    def _select(self, q, w, k, visible, topk: int, scale: float, flat: torch.Tensor | None, pools: dict):
         """Per sample, on its valid keys (blocks start at its first real token): indices [B, S, topk] (int32, like
         the flat indexer's), the last query's set per sample, and the per-query IoU against ``flat`` (or None)."""
         s_len = q.shape[1]
@@ -155,7 +160,10 @@ class HISA(KVMethod):
             vis = visible[b][:, cols]
             rows = vis.any(-1)
             idx = torch.zeros(s_len, topk, dtype=torch.long, device=q.device)
-            sel = hisa_topk(q[b, rows], w[b, rows], k[b, cols], vis[rows], topk, self.block, self.m, scale)
+            kb = k[b, cols]
+            means = pools.setdefault(b, PooledKeys(self.block)).update(kb)  # maintained, new keys only
+            sel = hisa_topk(q[b, rows], w[b, rows], kb, vis[rows], topk, self.block, self.m, scale,
+                            pooled=(means, None))
             idx[rows, : sel.shape[1]] = cols[sel]
             idx[rows, sel.shape[1] :] = cols[sel[:, :1]] if sel.shape[1] < topk else 0
             out[b] = idx.to(torch.int32)

@@ -42,6 +42,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from ..attend import gather_kv
 from ..families import rope_cos_sin
 from ..ops import group_scores
 from ..rope import rerotate, rotate, unrotate
@@ -159,7 +160,7 @@ class TokenSelect(KVMethod):
         c <= n_local that is the index of its own key). -> (q [1, H, c, d], k [1, H_kv, |idx|, d])."""
         pos = torch.cumsum(valid.long(), 0) - 1  # masked slots repeat a neighbour's position (never attended)
         n_att = int(pos[-1]) + 1
-        k = rerotate(call.model, call.k[0].index_select(1, idx), call.k_rope[idx], pos)
+        k = rerotate(call.model, gather_kv(call.k, idx.view(1, -1), call.q.shape[1])[0], call.k_rope[idx], pos)
         q_new = torch.arange(n_att - (e - s), n_att, device=idx.device)
         q = rerotate(call.model, call.q[0, :, s:e], call.q_rope[s:e], q_new)
         return q[None], k[None]
