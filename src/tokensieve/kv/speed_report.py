@@ -29,6 +29,7 @@ def _jobs(lengths: list[int], keep: int, model_dir: str | None) -> list[tuple[di
               lambda: speed_cache.cache_costs(max(lengths), keep))]
     jobs += [({"bench": "model_latency", "method": "tokenselect", "n": 4096},
               lambda: speed.model_latency("tokenselect", 4096, keep))]
+    jobs += [({"bench": "hisa_model_latency", "n": 4096}, lambda: speed.hisa_model_latency(4096, keep))]
     if model_dir is not None:
         jobs += [({"bench": "selection_cache", "n": 1024}, lambda: _cache_rows(model_dir))]
     return jobs
@@ -38,7 +39,7 @@ def _cache_rows(model_dir: str) -> list[dict]:
     from .embedded import load_embedded
     from .speed_cache import cache_hit_rate
 
-    return cache_hit_rate(load_embedded(model_dir), [None, 0.9, 0.8, 0.5], length=1024, keep=128, n=10)
+    return cache_hit_rate(load_embedded(model_dir), [None, 0.99, 0.95, 0.9, 0.8, 0.5], length=1024, keep=128, n=10)
 
 
 def _done(rows: list[dict], key: dict) -> bool:
@@ -86,6 +87,11 @@ def other_tables(rows: list[dict]) -> list[str]:
     for r in (r for r in rows if r.get("bench") == "model_latency"):
         lines.append(f"| {r['model']} | {r['method']} | {r['n']} | {r['keep']} | {r['prefill_ms']:.0f} "
                      f"({r['dense_prefill_ms']:.0f}) | {r['decode_ms']:.1f} ({r['dense_decode_ms']:.1f}) |")
+    for r in (r for r in rows if r.get("bench") == "hisa_model_latency"):
+        lines += ["", f"DeepseekV32 (random, 2 layers, indexer 32 x 128), N = {r['n']}, keep = {r['keep']}, B = "
+                  f"{r['block']}, m = {r['m']}, decode ms/token: flat DSA indexer {r['flat_decode_ms']:.1f}, HISA "
+                  f"with the flat reference {r['hisa_ref_decode_ms']:.1f}, HISA alone (flat_reference=False) "
+                  f"{r['hisa_decode_ms']:.1f}."]
     for r in (r for r in rows if r.get("bench") == "selection_cache_cost"):
         lines += ["", f"Selection Cache, one decode step's plan at N = {r['n']}, keep = {r['keep']}: miss "
                   f"{r['miss_ms']:.1f} ms, hit {r['hit_ms']:.2f} ms."]
