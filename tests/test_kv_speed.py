@@ -86,3 +86,23 @@ def test_head_scores_kernel_equals_matvec_and_selects_the_same_tokens(monkeypatc
     want = torch.einsum("hnd,hd->hn", buf[:, :4100], q)
     assert fast.shape == (6, 4100) and torch.allclose(fast, want, atol=1e-4) and torch.allclose(ref, want, atol=1e-4)
     assert torch.equal(fast.topk(256, -1).indices, want.topk(256, -1).indices)
+
+
+@pytest.mark.parametrize("score_rope", ["absolute", "fixed_distance"])
+def test_incremental_scoring_keys_equal_a_fresh_computation(score_rope):
+    """The per-slot scoring-key buffers (converted / un-rotated once per new cache entry) give the same plan
+    as computing them from scratch, step after step."""
+    m = tiny_causal_lm("llama")
+    info = model_info(m)
+    gen = torch.Generator().manual_seed(6)
+    k, v = torch.randn(1, info.n_kv_heads, 90, info.head_dim, generator=gen), torch.randn(1, info.n_kv_heads, 90, 16)
+    ts = TokenSelect(n_init=2, n_local=8, score_rope=score_rope, score_dtype="bfloat16")
+    state: dict = {}
+    for n in (70, 71, 90):
+        q = torch.randn(1, info.n_heads, 1, info.head_dim, generator=gen)
+        pos = torch.arange(n)
+        kw = dict(q=q, k=k[:, :, :n], v=v[:, :, :n], q_pos=pos[-1:], k_rope=pos, q_rope=pos[-1:], phase="decode",
+                  layer=0, keep=30, n_context=n, scaling=0.25, model=m, info=info, slot=(0, 0))
+        kept = ts.plan(Call(state=state, **kw))[0].idx
+        fresh = ts.plan(Call(state={}, **kw))[0].idx
+        assert torch.equal(kept, fresh)

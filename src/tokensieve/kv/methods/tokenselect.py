@@ -46,7 +46,7 @@ from ..attend import gather_kv
 from ..families import rope_cos_sin
 from ..ops import group_scores
 from ..rope import rerotate, rotate, unrotate
-from ._keys import prerope_keys
+from ._keys import grown, prerope_keys
 from .base import Call, KVMethod, KVMethodError, Piece
 
 
@@ -119,7 +119,10 @@ class TokenSelect(KVMethod):
     def _keys(self, call: Call, lo: int, hi: int) -> torch.Tensor:
         dtype = getattr(torch, self.score_dtype)
         if self.score_rope == "absolute":
-            return call.k[0, :, lo:hi].to(dtype)
+            if call.k.dtype == dtype:
+                return call.k[0, :, lo:hi]
+            # converted once per new cache entry, not the whole cache every step
+            return grown(call, f"abs_k_{dtype}", lambda m, n: call.k[0, :, m:n].to(dtype))[:, lo:hi]
         return prerope_keys(call, dtype)[:, lo:hi]
 
     def vote(self, fp: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
