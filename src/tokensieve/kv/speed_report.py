@@ -30,6 +30,8 @@ def _jobs(lengths: list[int], keep: int, model_dir: str | None) -> list[tuple[di
     jobs += [({"bench": "model_latency", "method": "tokenselect", "n": 4096},
               lambda: speed.model_latency("tokenselect", 4096, keep))]
     jobs += [({"bench": "hisa_model_latency", "n": 4096}, lambda: speed.hisa_model_latency(4096, keep))]
+    jobs += [({"bench": "model_decode_long", "method": "tokenselect", "n": max(lengths)},
+              lambda: speed.model_decode_long("tokenselect", max(lengths), keep))]
     if model_dir is not None:
         jobs += [({"bench": "selection_cache", "n": 1024}, lambda: _cache_rows(model_dir))]
     return jobs
@@ -87,6 +89,9 @@ def other_tables(rows: list[dict]) -> list[str]:
     for r in (r for r in rows if r.get("bench") == "model_latency"):
         lines.append(f"| {r['model']} | {r['method']} | {r['n']} | {r['keep']} | {r['prefill_ms']:.0f} "
                      f"({r['dense_prefill_ms']:.0f}) | {r['decode_ms']:.1f} ({r['dense_decode_ms']:.1f}) |")
+    for r in (r for r in rows if r.get("bench") == "model_decode_long"):
+        lines.append(f"| {r['model']} | {r['method']} | {r['n']} | {r['keep']} | – (one dense prefill, untimed) | "
+                     f"{r['decode_ms']:.1f} ({r['dense_decode_ms']:.1f}): {r['speedup']:.2f}x |")
     for r in (r for r in rows if r.get("bench") == "hisa_model_latency"):
         lines += ["", f"DeepseekV32 (random, 2 layers, indexer 32 x 128), N = {r['n']}, keep = {r['keep']}, B = "
                   f"{r['block']}, m = {r['m']}, decode ms/token: flat DSA indexer {r['flat_decode_ms']:.1f}, HISA "
