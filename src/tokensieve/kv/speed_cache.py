@@ -57,7 +57,8 @@ def cache_hit_rate(model, thetas: list[float | None], length: int, keep: int, n:
             lookups, hits = lookups + st.get("ts_lookups", 0), hits + st.get("ts_hits", 0)
         rows.append({"bench": "selection_cache", "method": "tokenselect", "theta": theta, "n": length,
                      "keep": keep, "samples": len(samples), "tasks": list(tasks), "accuracy": ok / len(samples),
-                     "decode_lookups": lookups, "hit_rate": hits / lookups if lookups else None})
+                     "decode_lookups": lookups, "hit_rate": hits / lookups if lookups else None,
+                     "threads": torch.get_num_threads()})
     return rows
 
 
