@@ -1,7 +1,8 @@
 """``python -m tokensieve.kv.speed``: every kv speed benchmark in one process, a resumable JSONL and a markdown
 table (docs/kv/speed.md). One command for the final figures on an idle machine:
 
-    PYTHONPATH=src python -m tokensieve.kv.speed --threads 2 --out docs/kv/speed.jsonl --md docs/kv/speed.md
+    PYTHONPATH=src python -m tokensieve.kv.speed --threads 2 --out docs/kv/speed_runs.jsonl \
+        --md docs/kv/speed_results.md
 """
 
 from __future__ import annotations
