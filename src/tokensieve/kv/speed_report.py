@@ -1,5 +1,5 @@
 """``python -m tokensieve.kv.speed``: every kv speed benchmark in one process, a resumable JSONL and a markdown
-table (docs/kv/speed.md). One command for the final figures on an idle machine:
+table (docs/kv/speed_results.md; analysis in docs/kv/speed.md). One command for the final figures on an idle machine:
 
     PYTHONPATH=src python -m tokensieve.kv.speed --threads 2 --out docs/kv/speed_runs.jsonl \
         --md docs/kv/speed_results.md
