@@ -106,3 +106,18 @@ def test_incremental_scoring_keys_equal_a_fresh_computation(score_rope):
         kept = ts.plan(Call(state=state, **kw))[0].idx
         fresh = ts.plan(Call(state={}, **kw))[0].idx
         assert torch.equal(kept, fresh)
+
+
+def test_group_scores_with_several_threads_equals_one_thread():
+    """With torch threads > 1 the kernel runs one KV head per worker; same values as one thread."""
+    gen = torch.Generator().manual_seed(7)
+    keys, fp = torch.randn(4, 1500, 32, generator=gen), torch.randn(4, 4, 32, generator=gen)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.group_scores(keys, fp)
+        torch.set_num_threads(2)
+        two = ops.group_scores(keys, fp)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(one, two)
