@@ -1,4 +1,10 @@
-"""Attention over selected keys: gather then SDPA, with exact causal masking by cache position."""
+"""Attention over selected keys: gather then SDPA, with exact causal masking by cache position.
+
+GQA without copies: when every query head of a KV group attends the same keys (a shared selection, G = 1, or
+every causal key), the g query heads of KV head j (HF's h // g layout: heads j * g .. j * g + g - 1) are packed
+as g * q query rows of one SDPA head, so K/V are never repeated (``repeat_interleave`` of the gathered keys
+cost more than the attention itself). Per-head selections (G = H) gather [H, k, d] rows directly.
+"""
 
 from __future__ import annotations
 
@@ -16,16 +22,36 @@ def _heads_for(idx: torch.Tensor, n_heads: int, n_kv: int) -> torch.Tensor:
 
 
 def gather_kv(t: torch.Tensor, idx: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """t [1, H_kv, n, d], idx [G, k] -> [1, H, k, d] (G = 1: the same keys for every head)."""
-    n_kv = t.shape[1]
+    """t [1, H_kv, n, d], idx [G, k] -> [1, G', k, d]: G = 1 gives the shared keys per KV head ([1, H_kv, k, d],
+    not repeated); G = H gives each query head's own keys ([1, H, k, d]). One row lookup (``F.embedding``, about
+    2x faster than ``index_select`` on unsorted rows) on the [H_kv * n, d] view of the cache."""
     safe = idx.clamp(min=0)
+    n_kv, n, d = t.shape[1:]
+    if not t.is_contiguous():
+        if idx.shape[0] == 1:
+            return t.index_select(2, safe[0])
+        return t[0][_heads_for(idx, n_heads, n_kv)[:, None], safe].unsqueeze(0)
     heads = _heads_for(idx, n_heads, n_kv)
-    if idx.shape[0] == 1:
-        out = t[0][:, safe[0]]  # [H_kv, k, d]
-        out = out.repeat_interleave(n_heads // n_kv, dim=0)
-    else:
-        out = t[0][heads[:, None], safe]  # [H, k, d]
-    return out.unsqueeze(0)
+    rows = safe.expand(heads.shape[0], -1) + (heads * n)[:, None]  # [G', k] rows of the flat view
+    return F.embedding(rows, t.view(n_kv * n, d)).unsqueeze(0)
+
+
+def grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                 scaling: float) -> torch.Tensor:
+    """SDPA of q [1, H, q, d] on k, v [1, H_kv, n, d] shared by each group of g = H / H_kv heads, without
+    repeating K/V. ``mask``: None, or bool [q, n] (all heads) or [H, q, n] (per head). -> [1, H, q, d]."""
+    _, n_heads, n_q, d = q.shape
+    n_kv = k.shape[1]
+    g = n_heads // n_kv
+    if g == 1:
+        m = None if mask is None else (mask[None, None] if mask.dim() == 2 else mask[None])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scaling)
+    qg = q.reshape(1, n_kv, g * n_q, d)
+    if mask is not None:
+        per_head = mask.expand(n_heads, -1, -1) if mask.dim() == 2 else mask
+        mask = per_head.reshape(1, n_kv, g * n_q, mask.shape[-1])
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scaling)
+    return out.view(1, n_heads, n_q, -1)
 
 
 def attend_compact(call: Call, idx: torch.Tensor) -> torch.Tensor:
@@ -38,41 +64,37 @@ def attend_compact(call: Call, idx: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(call.q[0]).scatter_(1, rows, o.to(call.q.dtype))[None]
 
 
+def _attend_all(call: Call, piece: Piece, q: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
+    """Every causal key (optionally restricted by piece.mask [G, q, n])."""
+    mask = None
+    if piece.mask is not None or int(q_pos.min()) < call.n - 1:
+        keys = torch.arange(call.n, device=q.device)
+        mask = keys[None, :] <= q_pos[:, None]  # [q, n]
+        if piece.mask is not None:
+            m = piece.mask if piece.mask.shape[0] > 1 else piece.mask[0]
+            mask = mask & m
+    return grouped_sdpa(q, call.k, call.v, mask, call.scaling)
+
+
 def attend_piece(call: Call, piece: Piece) -> torch.Tensor:
     """Output [1, H, q1 - q0, d] for the piece's queries."""
     if piece.compact:
         return attend_compact(call, piece.idx)
-    q = call.q[:, :, piece.q0 : piece.q1]
+    q = call.q[:, :, piece.q0 : piece.q1] if piece.q is None else piece.q
     q_pos = call.q_pos[piece.q0 : piece.q1]
-    n_heads = q.shape[1]
     if piece.idx is None:
-        keys = torch.arange(call.n, device=q.device)
-        mask = keys[None, :] <= q_pos[:, None]  # [q, n]
-        if piece.mask is not None:
-            mask = mask[None] & piece.mask
-        k = call.k.repeat_interleave(n_heads // call.k.shape[1], dim=1)
-        v = call.v.repeat_interleave(n_heads // call.v.shape[1], dim=1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=_bcast(mask, n_heads), scale=call.scaling)
-    idx = piece.idx
-    k = gather_kv(call.k, idx, n_heads)
+        return _attend_all(call, piece, q, q_pos)
+    idx, n_heads = piece.idx, q.shape[1]
+    k = gather_kv(call.k, idx, n_heads) if piece.k is None else piece.k
     v = gather_kv(call.v, idx, n_heads)
     mask = (idx[:, None, :] <= q_pos[None, :, None]) & (idx[:, None, :] >= 0)  # [G, q, k]
     if piece.valid is not None:
         mask = mask & piece.valid[:, None, :]
-    if bool(mask.all()):
-        return F.scaled_dot_product_attention(q, k, v, scale=call.scaling)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=_bcast(mask, n_heads), scale=call.scaling)
-
-
-def _bcast(mask: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """[q, n] or [G, q, n] boolean mask -> broadcastable to [1, H, q, n]."""
-    if mask.dim() == 2:
-        return mask[None, None]
-    if mask.shape[0] == 1:
-        return mask[None]
-    if mask.shape[0] != n_heads:
-        mask = mask.repeat_interleave(n_heads // mask.shape[0], dim=0)
-    return mask[None]
+    mask = None if bool(mask.all()) else mask
+    if idx.shape[0] == 1:
+        return grouped_sdpa(q, k, v, None if mask is None else mask[0], call.scaling)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[None],
+                                          scale=call.scaling)
 
 
 def attend(call: Call, pieces: list[Piece]) -> torch.Tensor:

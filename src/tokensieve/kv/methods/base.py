@@ -58,7 +58,9 @@ class Call:
 class Piece:
     """Queries q0..q1-1 attend either ``idx`` [G, k] (G = 1 shared, or H per query head; -1 = empty slot),
     or a boolean ``mask`` [G, q1 - q0, n], or (both None) all causal keys. ``valid`` [G, k] masks slots of idx.
-    ``compact``: idx [H, L'] picks the queries as well (prefill, q == keys); other query rows get zeros."""
+    ``compact``: idx [H, L'] picks the queries as well (prefill, q == keys); other query rows get zeros.
+    ``q`` [1, H, q1 - q0, d] / ``k`` [1, H_kv, k, d] (G = 1 only): replacement queries / gathered keys, e.g.
+    re-rotated at compacted positions (TokenSelect ``positions="compact"``); None = call.q rows / gather."""
 
     q0: int
     q1: int
@@ -66,6 +68,8 @@ class Piece:
     mask: torch.Tensor | None = None
     valid: torch.Tensor | None = None
     compact: bool = False  # idx [H, L'] selects queries too (TSA): attention on the compact S_h x S_h, scattered
+    q: torch.Tensor | None = None
+    k: torch.Tensor | None = None
 
 
 @dataclass

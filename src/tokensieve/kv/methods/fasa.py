@@ -25,6 +25,7 @@ from typing import ClassVar
 
 import torch
 
+from ..ops import head_scores
 from ._keys import grown
 from .base import Call, KVMethod, KVMethodError, Piece
 
@@ -88,6 +89,6 @@ class FASA(KVMethod):
             k = call.k[0, :, m:n].float().repeat_interleave(g, dim=0)
             return torch.gather(k, 2, dims[:, None, :].expand(-1, n - m, -1))
 
-        k = grown(call, "fasa_k", rows)  # [H, n, 2F]
-        scores = torch.matmul(k, q[:, :, None])[..., 0]  # [H, n]
+        grown(call, "fasa_k", rows)  # [H, n, 2F], kept incrementally
+        scores = head_scores(call.state[("fasa_k", call.slot)][0], call.n, q)  # [H, n]
         return [Piece(0, 1, idx=scores.topk(min(call.keep, call.n), dim=-1).indices)]

@@ -20,8 +20,16 @@ Differences from the official code (pzs19/TokenSelect @ 8e1e97f), all options:
 - ``theta=None`` (default) is the release's QUERY_CACHE=False; ``theta=0.9`` is the paper's Selection Cache,
   written from Alg. 1 (the release's branch is broken). On a hit, cached indices that now fall inside the
   local window are masked so no key is attended twice.
-- NOT IMPLEMENTED: the code's compacted attention positions (FlashInfer re-applies RoPE at positions within
-  the gathered list). Attention here keeps the original positions, which is exact inside the training length.
+- ``positions="compact"`` (default) is the code's attention: keys are cached pre-RoPE and FlashInfer
+  (``ROPE_LLAMA``) rotates the key at list index j by R(j) and query i of a chunk of c by R(L - c + i), L the
+  list length (decode: the query at L - 1, its own key's slot). HF caches post-RoPE keys, so the selected keys
+  and the queries are re-rotated R(new) R(-old) in fp32 with the model's own rotary module (the code uses
+  FlashInfer's plain RoPE formula; identical for unscaled RoPE such as Llama-3-8B's and Qwen2's). Causality
+  stays by cache position: identical to the code's list-index causality when chunk_size <= n_local (the
+  official 512 / 512); with a larger chunk the code would let early queries of a chunk see later keys, which
+  is not reproduced. Masked Selection Cache slots take no position. ``positions="original"`` attends at the
+  original positions (exact inside the training length). Dense calls (keep >= N) always run the model's own
+  attention, where both coincide.
 - ``kernel_size`` > 0 reproduces the code's optional max-pool smoothing, including its one-index shift for
   even sizes.
 """
@@ -34,16 +42,19 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from ..attend import gather_kv
 from ..families import rope_cos_sin
-from ..rope import rotate, unrotate
-from ._keys import prerope_keys
+from ..ops import group_scores
+from ..rope import rerotate, rotate, unrotate
+from ._keys import grown, prerope_keys
 from .base import Call, KVMethod, KVMethodError, Piece
 
 
 @dataclass
 class TokenSelect(KVMethod):
     name: ClassVar[str] = "tokenselect"
-    fidelity: ClassVar[str] = "official code defaults (head_map mod, fixed-distance RoPE scoring); original positions"
+    fidelity: ClassVar[str] = ("official code defaults (head_map mod, fixed-distance RoPE scoring, compacted attention "
+                               "positions)")
     n_init: int = 128
     n_local: int = 512
     chunk_size: int = 512
@@ -52,8 +63,13 @@ class TokenSelect(KVMethod):
     theta: float | None = None
     kernel_size: int = -1
     score_dtype: str = "float32"
+    positions: str = "compact"
 
     def validate(self, info, keep) -> None:
+        if self.positions not in ("compact", "original"):
+            raise KVMethodError(f"tokenselect: positions={self.positions!r}; use 'compact' (official) or 'original'")
+        if self.positions == "compact" and not info.has_rope:
+            raise KVMethodError("tokenselect: positions='compact' re-applies RoPE; this model has none, use 'original'")
         if self.score_dtype not in ("float32", "bfloat16", "float16"):
             raise KVMethodError(f"tokenselect: score_dtype={self.score_dtype!r}; use float32, bfloat16 or float16")
         if self.head_map not in ("mod", "div"):
@@ -103,7 +119,10 @@ class TokenSelect(KVMethod):
     def _keys(self, call: Call, lo: int, hi: int) -> torch.Tensor:
         dtype = getattr(torch, self.score_dtype)
         if self.score_rope == "absolute":
-            return call.k[0, :, lo:hi].to(dtype)
+            if call.k.dtype == dtype:
+                return call.k[0, :, lo:hi]
+            # converted once per new cache entry, not the whole cache every step
+            return grown(call, f"abs_k_{dtype}", lambda m, n: call.k[0, :, m:n].to(dtype))[:, lo:hi]
         return prerope_keys(call, dtype)[:, lo:hi]
 
     def vote(self, fp: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -114,7 +133,7 @@ class TokenSelect(KVMethod):
             grouped = fp.view(n_kv, g, -1)  # head h = j * g + i reads kv j
         else:
             grouped = fp.view(g, n_kv, -1).transpose(0, 1)  # head h = i * H_kv + j reads kv j
-        scores = torch.matmul(grouped.to(keys.dtype), keys.transpose(-1, -2)).float()  # [H_kv, g, n_cand]
+        scores = group_scores(keys, grouped)  # [H_kv, g, n_cand] fp32; softmax along the last axis of it
         votes = torch.softmax(scores, dim=-1).sum(dim=(0, 1))
         if self.kernel_size > 0:
             votes = F.max_pool1d(votes[None], self.kernel_size, 1, (self.kernel_size - 1) // 2)[0]
@@ -133,7 +152,21 @@ class TokenSelect(KVMethod):
         idx = torch.cat([torch.arange(self.n_init, device=dev), chosen, torch.arange(hi, n_c, device=dev)])
         valid = torch.ones_like(idx, dtype=torch.bool)
         valid[self.n_init : self.n_init + topk] = chosen < hi
-        return Piece(s, e, idx=idx.view(1, -1), valid=valid.view(1, -1))
+        piece = Piece(s, e, idx=idx.view(1, -1), valid=valid.view(1, -1))
+        if self.positions == "compact":
+            piece.q, piece.k = self._compact(call, s, e, idx, valid)
+        return piece
+
+    def _compact(self, call: Call, s: int, e: int, idx: torch.Tensor, valid: torch.Tensor):
+        """The official attention positions (FlashInfer ``ROPE_LLAMA`` on the gathered list): key slot j at its
+        index among the attended slots, query i of the chunk at L - c + i (L attended slots, c queries; for
+        c <= n_local that is the index of its own key). -> (q [1, H, c, d], k [1, H_kv, |idx|, d])."""
+        pos = torch.cumsum(valid.long(), 0) - 1  # masked slots repeat a neighbour's position (never attended)
+        n_att = int(pos[-1]) + 1
+        k = rerotate(call.model, gather_kv(call.k, idx.view(1, -1), call.q.shape[1])[0], call.k_rope[idx], pos)
+        q_new = torch.arange(n_att - (e - s), n_att, device=idx.device)
+        q = rerotate(call.model, call.q[0, :, s:e], call.q_rope[s:e], q_new)
+        return q[None], k[None]
 
     def _cached(self, call: Call, fp: torch.Tensor) -> torch.Tensor | None:
         """Algorithm 1: the cached indices when cos(q̄, C_Q) >= theta, else None (then the caller recomputes)."""
