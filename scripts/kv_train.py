@@ -9,8 +9,10 @@ model (safetensors) and ``meta.json`` with the recipe and the dense accuracy per
 
 Recipe: loss on answer tokens only (the LM head runs only there); each sequence is one task sample plus up to
 ``--extra`` MQAR-style questions on its distractor needles. Lengths are drawn per step from ``--lengths``
-(``L:weight,...``); before ``--warm-frac`` of the time box only lengths <= 512 are drawn, so the lookup circuit
-forms on cheap steps first. Tasks are drawn with ``--task-weights``. lr: linear warm-up, then cosine to 10%.
+(``L:weight,...``); before ``--warm-frac`` of the time box they come from ``--warm-lengths`` (64-128 tokens, few
+distractors): attention starts uniform, so the gradient towards the lookup circuit shrinks with the context length
+and the plateau before it forms is far shorter on short sequences.
+Tasks are drawn with ``--task-weights``. lr: linear warm-up, then cosine to 10%.
 """
 
 from __future__ import annotations
@@ -46,9 +48,12 @@ def batch(rng: random.Random, length: int, tokens_per_step: int, extra: int,
           task_weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
     n = max(1, tokens_per_step // length)
     seqs = []
+    short = length < 128  # warm-up lengths: fewer distractors, and no multikey (its 16 needles do not fit)
+    weights = [0.0 if short and t == "multikey" else w for t, w in zip(TASKS, task_weights, strict=True)]
+    distract = (2, max(3, length // 8)) if short else (4, 16)
     for _ in range(n):
-        task = rng.choices(TASKS, weights=task_weights)[0]
-        seqs.append(training_sequence(length, rng, extra=extra, task=task))
+        task = rng.choices(TASKS, weights=weights)[0]
+        seqs.append(training_sequence(length, rng, extra=extra, task=task, distract=distract))
     width = max(len(t) for t, _ in seqs)
     ids = torch.full((n, width), PAD, dtype=torch.long)
     labels = torch.full((n, width), -100, dtype=torch.long)
@@ -58,10 +63,10 @@ def batch(rng: random.Random, length: int, tokens_per_step: int, extra: int,
     return ids, labels
 
 
-def draw_length(frac: float, rng: random.Random, lengths: list[int], weights: list[float], warm: float) -> int:
+def draw_length(frac: float, rng: random.Random, lengths: list[int], weights: list[float], warm: float,
+                warm_lengths: tuple[list[int], list[float]]) -> int:
     if frac < warm:
-        short = [(n, w) for n, w in zip(lengths, weights, strict=True) if n <= 512] or [(min(lengths), 1.0)]
-        lengths, weights = [n for n, _ in short], [w for _, w in short]
+        lengths, weights = warm_lengths
     return rng.choices(lengths, weights=weights)[0]
 
 
@@ -88,6 +93,7 @@ def arguments() -> argparse.Namespace:
     ap.add_argument("--tokens-per-step", type=int, default=4096)
     ap.add_argument("--lengths", default="256:3,512:3,1024:2,2048:1")
     ap.add_argument("--warm-frac", type=float, default=0.15)
+    ap.add_argument("--warm-lengths", default="64:2,128:1", help="length mix before --warm-frac of the time box")
     ap.add_argument("--task-weights", default="1,1,2,1", help=f"weights of {','.join(TASKS)}")
     ap.add_argument("--extra", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -127,13 +133,14 @@ def main() -> None:
         rng.setstate(st["rng"])
         print(f"resumed at step {step}, {elapsed / 60:.1f} min", flush=True)
     lengths, weights = parse_weights(args.lengths)
+    warm_lengths = parse_weights(args.warm_lengths)
     task_weights = [float(w) for w in args.task_weights.split(",")]
     budget = args.minutes * 60
     model.train()
     while elapsed < budget and (not args.max_steps or step < args.max_steps):
         t0 = time.perf_counter()
         frac = elapsed / budget
-        length = draw_length(frac, rng, lengths, weights, args.warm_frac)
+        length = draw_length(frac, rng, lengths, weights, args.warm_frac, warm_lengths)
         ids, labels = batch(rng, length, args.tokens_per_step, args.extra, task_weights)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, frac, args.lr, args.warmup)

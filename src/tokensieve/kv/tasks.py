@@ -83,13 +83,13 @@ def make_sample(task: str, length: int, rng: random.Random, n_distract: int = 0)
     return Sample(tokens, answer, task, pos, [(b[1], b[2]) for b in others])
 
 
-def training_sequence(length: int, rng: random.Random, extra: int = 6,
-                      task: str | None = None) -> tuple[list[int], list[int]]:
+def training_sequence(length: int, rng: random.Random, extra: int = 6, task: str | None = None,
+                      distract: tuple[int, int] = (4, 16)) -> tuple[list[int], list[int]]:
     """(tokens, labels) for training: a task (``task``, or drawn uniformly), its question and answer, then up to
-    ``extra`` questions on distractor needles. labels[i] is the target of position i (already shifted); -100
-    off-answer."""
+    ``extra`` questions on distractor needles (``randrange(*distract)`` of them; multikey always has 15).
+    labels[i] is the target of position i (already shifted); -100 off-answer."""
     task = task or rng.choice(TASKS)
-    sample = make_sample(task, length, rng, n_distract=rng.randrange(4, 16))
+    sample = make_sample(task, length, rng, n_distract=rng.randrange(*distract))
     tokens = sample.prompt + sample.answer
     labels = [-100] * (len(sample.prompt) - 1) + sample.answer + [-100]
     for key, value in rng.sample(sample.others, min(extra, len(sample.others))):  # MQAR-style extra questions
