@@ -12,7 +12,11 @@ Recipe: loss on answer tokens only (the LM head runs only there); each sequence 
 (``L:weight,...``); before ``--warm-frac`` of the time box they come from ``--warm-lengths`` (64-128 tokens, few
 distractors): attention starts uniform, so the gradient towards the lookup circuit shrinks with the context length
 and the plateau before it forms is far shorter on short sequences.
-Tasks are drawn with ``--task-weights``. lr: linear warm-up, then cosine to 10%.
+``--key-label`` (default): the question's key token is also labelled with the answer, an auxiliary target
+where the lookup is a plain induction step (the token after the earlier occurrence of the current one), which a
+small model finds far sooner than the lookup from ``A`` (that needs the key moved there first); evaluation is
+unchanged (the answer after ``Q key A``). Tasks are drawn with ``--task-weights``.
+lr: linear warm-up, then cosine to 10%.
 """
 
 from __future__ import annotations
@@ -44,8 +48,8 @@ def parse_weights(text: str) -> tuple[list[int], list[float]]:
     return [int(a) for a, _ in pairs], [float(b) for _, b in pairs]
 
 
-def batch(rng: random.Random, length: int, tokens_per_step: int, extra: int,
-          task_weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+def batch(rng: random.Random, length: int, tokens_per_step: int, extra: int, task_weights: list[float],
+          key_label: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     n = max(1, tokens_per_step // length)
     seqs = []
     short = length < 128  # warm-up lengths: fewer distractors, and no multikey (its 16 needles do not fit)
@@ -53,7 +57,7 @@ def batch(rng: random.Random, length: int, tokens_per_step: int, extra: int,
     distract = (2, max(3, length // 8)) if short else (4, 16)
     for _ in range(n):
         task = rng.choices(TASKS, weights=weights)[0]
-        seqs.append(training_sequence(length, rng, extra=extra, task=task, distract=distract))
+        seqs.append(training_sequence(length, rng, extra=extra, task=task, distract=distract, key_label=key_label))
     width = max(len(t) for t, _ in seqs)
     ids = torch.full((n, width), PAD, dtype=torch.long)
     labels = torch.full((n, width), -100, dtype=torch.long)
@@ -96,6 +100,8 @@ def arguments() -> argparse.Namespace:
     ap.add_argument("--warm-lengths", default="64:2,128:1", help="length mix before --warm-frac of the time box")
     ap.add_argument("--task-weights", default="1,1,2,1", help=f"weights of {','.join(TASKS)}")
     ap.add_argument("--extra", type=int, default=16)
+    ap.add_argument("--key-label", action=argparse.BooleanOptionalAction, default=True,
+                    help="also label each question's key token with its answer (auxiliary induction target)")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--hidden", type=int, default=128)
@@ -141,7 +147,7 @@ def main() -> None:
         t0 = time.perf_counter()
         frac = elapsed / budget
         length = draw_length(frac, rng, lengths, weights, args.warm_frac, warm_lengths)
-        ids, labels = batch(rng, length, args.tokens_per_step, args.extra, task_weights)
+        ids, labels = batch(rng, length, args.tokens_per_step, args.extra, task_weights, args.key_label)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, frac, args.lr, args.warmup)
         loss = train_step(model, opt, ids, labels)
