@@ -159,8 +159,10 @@ def main() -> None:
             print(f"step {step} {elapsed / 60:.1f}min L={length} loss={sum(recent) / 10:.3f}", flush=True)
         if step % args.ckpt_every == 0:
             state_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = state_path.with_suffix(".tmp")  # written whole, then renamed: an interrupt never corrupts it
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed,
-                        "log": log, "rng": rng.getstate(), "args": vars(args)}, state_path)
+                        "log": log, "rng": rng.getstate(), "args": vars(args)}, tmp)
+            tmp.replace(state_path)
     if args.no_final:
         return
     finish(model, args, config, step, elapsed, log)
