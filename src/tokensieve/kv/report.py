@@ -150,6 +150,8 @@ def write_report(rows: list[dict], speed_rows: list[dict], path: str | Path, met
                   f"{meta.get('steps')} steps in {meta.get('train_minutes')} min on one CPU thread. Dense exact "
                   f"match (%, n={meta.get('eval_n')} per cell, seed {meta.get('eval_seed', 1234)}):", "",
                   model_table(meta), ""]
+        if meta.get("note"):
+            parts += [f"**Model note:** {meta['note']}", ""]
     n = "/".join(str(x) for x in sorted({r["n"] for r in rows if "accuracy" in r}))
     parts += [f"## Accuracy (%, exact match of the greedy answer, mean over tasks; n={n} paired samples per cell)",
               "", accuracy_table(rows), "", "### Per task", "", task_table(rows), "",
