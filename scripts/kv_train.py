@@ -1,18 +1,29 @@
 """Train the embedded long-context LM (a small Llama) from scratch on the synthetic retrieval tasks.
 
-    nice -n 10 PYTHONPATH=src python scripts/kv_train.py --out src/tokensieve/kv/model --minutes 40
+    OMP_NUM_THREADS=1 nice -n 5 PYTHONPATH=src python scripts/kv_train.py --threads 1 --minutes 100 \
+        --state /work/kvtrain2/state.pt --out src/tokensieve/kv/model
 
-Checkpoints every ``--ckpt-every`` steps to ``<out>/train_state.pt`` (model, optimiser, step, elapsed time, RNG)
-and resumes from it, so an interrupted run continues; the time box counts across resumes. At the end it
-saves the model (safetensors, ~1 MB) and ``meta.json`` with the dense accuracy per task and length.
-Loss: cross-entropy on answer tokens only. Length curriculum 128 -> 1024 over the time box; up to 16 extra
-questions per sequence (MQAR style).
+Checkpoints every ``--ckpt-every`` steps to ``--state`` (model, optimiser, step, elapsed time, RNG, log) and
+resumes from it, so an interrupted run continues; the time box counts across resumes. At the end it saves the
+model (safetensors) and ``meta.json`` with the recipe and the dense accuracy per task and length.
+
+Recipe: loss on answer tokens only (the LM head runs only there); each sequence is one task sample plus up to
+``--extra`` MQAR-style questions on its distractor needles. Lengths are drawn per step from ``--lengths``
+(``L:weight,...``); before ``--warm-frac`` of the time box they come from ``--warm-lengths`` (64-128 tokens, few
+distractors): attention starts uniform, so the gradient towards the lookup circuit shrinks with the context length
+and the plateau before it forms is far shorter on short sequences.
+``--key-label`` (default): the question's key token is also labelled with the answer, an auxiliary target
+where the lookup is a plain induction step (the token after the earlier occurrence of the current one), which a
+small model finds far sooner than the lookup from ``A`` (that needs the key moved there first); evaluation is
+unchanged (the answer after ``Q key A``). Tasks are drawn with ``--task-weights``.
+lr: linear warm-up, then cosine to 10%.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -22,16 +33,31 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tokensieve.kv.embedded import dense_accuracy
-from tokensieve.kv.tasks import PAD, VOCAB, training_sequence
-
-CONFIG = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=16, max_position_embeddings=8192, rope_theta=10000.0,
-              tie_word_embeddings=True, pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
+from tokensieve.kv.tasks import PAD, TASKS, VOCAB, training_sequence
 
 
-def batch(step_rng: random.Random, length: int, tokens_per_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+def model_config(args: argparse.Namespace) -> dict:
+    return dict(vocab_size=VOCAB, hidden_size=args.hidden, intermediate_size=args.inter or 2 * args.hidden,
+                num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+                head_dim=args.hidden // args.heads, max_position_embeddings=8192, rope_theta=args.rope_theta,
+                tie_word_embeddings=True, pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
+
+
+def parse_weights(text: str) -> tuple[list[int], list[float]]:
+    pairs = [p.split(":") for p in text.split(",")]
+    return [int(a) for a, _ in pairs], [float(b) for _, b in pairs]
+
+
+def batch(rng: random.Random, length: int, tokens_per_step: int, extra: int, task_weights: list[float],
+          key_label: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     n = max(1, tokens_per_step // length)
-    seqs = [training_sequence(length, step_rng, extra=16) for _ in range(n)]
+    seqs = []
+    short = length < 128  # warm-up lengths: fewer distractors, and no multikey (its 16 needles do not fit)
+    weights = [0.0 if short and t == "multikey" else w for t, w in zip(TASKS, task_weights, strict=True)]
+    distract = (2, max(3, length // 8)) if short else (4, 16)
+    for _ in range(n):
+        task = rng.choices(TASKS, weights=weights)[0]
+        seqs.append(training_sequence(length, rng, extra=extra, task=task, distract=distract, key_label=key_label))
     width = max(len(t) for t, _ in seqs)
     ids = torch.full((n, width), PAD, dtype=torch.long)
     labels = torch.full((n, width), -100, dtype=torch.long)
@@ -41,35 +67,67 @@ def batch(step_rng: random.Random, length: int, tokens_per_step: int) -> tuple[t
     return ids, labels
 
 
-def curriculum_length(frac: float, rng: random.Random) -> int:
-    top = min(3, int(frac * 5))  # 128, 256, 512, 1024 (CPU-bound: short contexts, many questions each)
-    return 128 * 2 ** rng.randint(max(0, top - 2), top)
+def draw_length(frac: float, rng: random.Random, lengths: list[int], weights: list[float], warm: float,
+                warm_lengths: tuple[list[int], list[float]]) -> int:
+    if frac < warm:
+        lengths, weights = warm_lengths
+    return rng.choices(lengths, weights=weights)[0]
 
 
-def evaluate(model, lengths: list[int], n: int, seed: int = 1234) -> dict:
-    model.eval()
-    acc = dense_accuracy(model, lengths, n, seed)
-    model.train()
-    return acc
+def lr_at(step: int, frac: float, base: float, warmup: int) -> float:
+    return base * min(1.0, (step + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(frac, 1.0))))
+
+
+def train_step(model, opt, ids: torch.Tensor, labels: torch.Tensor) -> float:
+    hidden = model.model(ids).last_hidden_state
+    on = labels != -100
+    loss = F.cross_entropy(model.lm_head(hidden[on]), labels[on])
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss.item()
+
+
+def arguments() -> argparse.Namespace:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="src/tokensieve/kv/model")
+    ap.add_argument("--minutes", type=float, default=100.0)
+    ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: time box only)")
+    ap.add_argument("--tokens-per-step", type=int, default=4096)
+    ap.add_argument("--lengths", default="256:3,512:3,1024:2,2048:1")
+    ap.add_argument("--warm-frac", type=float, default=0.15)
+    ap.add_argument("--warm-lengths", default="64:2,128:1", help="length mix before --warm-frac of the time box")
+    ap.add_argument("--task-weights", default="1,1,2,1", help=f"weights of {','.join(TASKS)}")
+    ap.add_argument("--extra", type=int, default=16)
+    ap.add_argument("--key-label", action=argparse.BooleanOptionalAction, default=True,
+                    help="also label each question's key token with its answer (auxiliary induction target)")
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--inter", type=int, default=0)
+    ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--rope-theta", type=float, default=10000.0)
+    ap.add_argument("--ckpt-every", type=int, default=25)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--state", default=None, help="checkpoint path (default <out>/train_state.pt; keep it out of git)")
+    ap.add_argument("--eval-n", type=int, default=40)
+    ap.add_argument("--eval-lengths", default="512,1024,2048,4096")
+    ap.add_argument("--no-final", action="store_true", help="skip saving and evaluating (step-time probes)")
+    ap.add_argument("--reuse-eval", action="store_true",
+                    help="keep meta.json's dense_accuracy when it was measured at the same step (re-finalising)")
+    return ap.parse_args()
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="src/tokensieve/kv/model")
-    ap.add_argument("--minutes", type=float, default=40.0)
-    ap.add_argument("--tokens-per-step", type=int, default=2048)
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--ckpt-every", type=int, default=25)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--state", default=None, help="checkpoint path (default <out>/train_state.pt; not shipped)")
-    ap.add_argument("--eval-n", type=int, default=40)
-    ap.add_argument("--eval-lengths", default="512,1024,2048,4096")
-    args = ap.parse_args()
+    args = arguments()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    config = model_config(args)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**CONFIG, attn_implementation="sdpa"))
+    model = LlamaForCausalLM(LlamaConfig(**config, attn_implementation="sdpa"))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     state_path = Path(args.state) if args.state else out / "train_state.pt"
     step, elapsed, rng, log = 0, 0.0, random.Random(0), []
@@ -79,39 +137,58 @@ def main() -> None:
         opt.load_state_dict(st["opt"])
         step, elapsed, log = st["step"], st["elapsed"], st["log"]
         rng.setstate(st["rng"])
-        print(f"resumed at step {step}, {elapsed / 60:.1f} min")
+        print(f"resumed at step {step}, {elapsed / 60:.1f} min", flush=True)
+    lengths, weights = parse_weights(args.lengths)
+    warm_lengths = parse_weights(args.warm_lengths)
+    task_weights = [float(w) for w in args.task_weights.split(",")]
     budget = args.minutes * 60
     model.train()
-    while elapsed < budget:
+    while elapsed < budget and (not args.max_steps or step < args.max_steps):
         t0 = time.perf_counter()
         frac = elapsed / budget
-        length = curriculum_length(frac, rng)
-        ids, labels = batch(rng, length, args.tokens_per_step)
-        lr = args.lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * (1 - frac))
+        length = draw_length(frac, rng, lengths, weights, args.warm_frac, warm_lengths)
+        ids, labels = batch(rng, length, args.tokens_per_step, args.extra, task_weights, args.key_label)
         for group in opt.param_groups:
-            group["lr"] = lr
-        hidden = model.model(ids).last_hidden_state
-        on = labels != -100  # the LM head only where there is an answer token (CPU time)
-        logits = model.lm_head(hidden[on])
-        loss = F.cross_entropy(logits, labels[on])
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+            group["lr"] = lr_at(step, frac, args.lr, args.warmup)
+        loss = train_step(model, opt, ids, labels)
         step += 1
         elapsed += time.perf_counter() - t0
-        log.append((step, round(elapsed, 1), length, round(loss.item(), 4)))
+        log.append((step, round(elapsed, 1), length, round(loss, 4)))
         if step % 10 == 0:
-            print(f"step {step} {elapsed / 60:.1f}min L={length} loss={loss.item():.3f}", flush=True)
+            recent = [x[3] for x in log[-10:]]
+            print(f"step {step} {elapsed / 60:.1f}min L={length} loss={sum(recent) / 10:.3f}", flush=True)
         if step % args.ckpt_every == 0:
+            state_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = state_path.with_suffix(".tmp")  # written whole, then renamed: an interrupt never corrupts it
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed,
-                        "log": log, "rng": rng.getstate()}, state_path)
+                        "log": log, "rng": rng.getstate(), "args": vars(args)}, tmp)
+            tmp.replace(state_path)
+    if args.no_final:
+        return
+    finish(model, args, config, step, elapsed, log)
+
+
+CHECK = {"lengths": [512, 1024], "n": 10, "seed": 1234}  # the small seeded sample tests/test_kv_embedded.py reruns
+
+
+def finish(model, args: argparse.Namespace, config: dict, step: int, elapsed: float, log: list) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     model.eval()
     model.save_pretrained(out, safe_serialization=True)
-    acc = evaluate(model, [int(x) for x in args.eval_lengths.split(",")], args.eval_n)
-    meta = {"steps": step, "eval_n": args.eval_n, "eval_lengths": args.eval_lengths,
-            "train_minutes": round(elapsed / 60, 1), "dense_accuracy": acc,
-            "final_loss": log[-1][3] if log else None, "config": CONFIG}
+    old = json.loads((out / "meta.json").read_text()) if (out / "meta.json").exists() else {}
+    t0 = time.perf_counter()
+    if args.reuse_eval and old.get("steps") == step and "dense_accuracy" in old:
+        acc, eval_minutes = old["dense_accuracy"], old.get("eval_minutes")
+    else:
+        acc = dense_accuracy(model, [int(x) for x in args.eval_lengths.split(",")], args.eval_n)
+        eval_minutes = round((time.perf_counter() - t0) / 60, 1)
+    check = dense_accuracy(model, CHECK["lengths"], CHECK["n"], CHECK["seed"])
+    recipe = {k: v for k, v in vars(args).items() if k not in ("out", "state", "no_final", "reuse_eval")}
+    meta = {"steps": step, "train_minutes": round(elapsed / 60, 1), "eval_n": args.eval_n,
+            "eval_lengths": args.eval_lengths, "eval_seed": 1234, "eval_minutes": eval_minutes,
+            "dense_accuracy": acc, "check": {**CHECK, "dense_accuracy": check},
+            "final_loss": log[-1][3] if log else None, "recipe": recipe, "config": config}
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
     print(json.dumps(acc, indent=1))
 

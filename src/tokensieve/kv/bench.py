@@ -53,30 +53,54 @@ def kv_bytes_per_step(label: str, n: int, keep: int, heads: int, kv_heads: int, 
     return table[label.split("_")[0]] * elem
 
 
+def greedy_exact_match(model, method, keep: int, prompt: list[int], answer: list[int]) -> bool:
+    """Greedy decoding under the method reproduces ``answer`` exactly. Teacher-forced with early exit: the
+    argmax at each step is compared before the answer token is fed, which is the same decision as
+    ``generate(do_sample=False)`` followed by a comparison (both prefill the whole prompt, then decode one
+    token per step), without the steps after the first miss or the full-vocabulary prefill logits."""
+    with KVSieve(model, method, keep=keep):
+        out = model(torch.tensor([prompt]), use_cache=True, logits_to_keep=1)
+        for j, tok in enumerate(answer):
+            if int(out.logits[0, -1].argmax()) != tok:
+                return False
+            if j + 1 < len(answer):
+                out = model(torch.tensor([[tok]]), past_key_values=out.past_key_values, use_cache=True,
+                            logits_to_keep=1)
+    return True
+
+
+def shadow_stats(model, method, keep: int, prompt: list[int], answer: list[int]) -> dict:
+    """Teacher-forced fidelity on the dense trajectory: the "A" step and every answer step but the last."""
+    with KVSieve(model, method, keep=keep, shadow=True) as sv:
+        cache = model(torch.tensor([prompt[:-1]]), use_cache=True, logits_to_keep=1).past_key_values
+        for tok in [prompt[-1], *answer[:-1]]:
+            cache = model(torch.tensor([[tok]]), past_key_values=cache, use_cache=True,
+                          logits_to_keep=1).past_key_values
+    return sv.trace.stats
+
+
 @torch.no_grad()
-def run_cell(model, label: str, keep: int, length: int, task: str, n: int, seed: int = 0) -> dict:
+def run_cell(model, label: str, keep: int, length: int, task: str, n: int, seed: int = 0,
+             fidelity_n: int | None = None) -> dict:
+    """Accuracy on ``n`` paired samples; fidelity statistics on the first ``fidelity_n`` of them (all: None)."""
     name, hp = method_and_hp(label)
     rng = random.Random(f"{seed}-{length}-{task}")
     samples = [make_sample(task, length, rng, n_distract=8) for _ in range(n)]
+    n_fid = n if fidelity_n is None else min(n, fidelity_n)
     ok = 0
     stats: dict = {}
     method = make_kv_method(name, **hp)  # one object per cell: FASA calibrates / TSA profiles drift once
-    for s in samples:
-        x = torch.tensor([s.prompt])
-        with KVSieve(model, method, keep=keep) as sv:
-            out = model.generate(x, max_new_tokens=len(s.answer), do_sample=False, pad_token_id=0)
-        ok += int(out[0, len(s.prompt):].tolist() == s.answer)
-        with KVSieve(model, method, keep=keep, shadow=True) as sv:  # teacher-forced: "A" + answer steps
-            cache = model(x[:, :-1], use_cache=True).past_key_values
-            for tok in [s.prompt[-1], *s.answer[:-1]]:
-                cache = model(torch.tensor([[tok]]), past_key_values=cache, use_cache=True).past_key_values
-        for key, value in sv.trace.stats.items():
-            stats[key] = stats.get(key, 0) + value
+    for i, s in enumerate(samples):
+        ok += int(greedy_exact_match(model, method, keep, s.prompt, s.answer))
+        if i < n_fid:
+            for key, value in shadow_stats(model, method, keep, s.prompt, s.answer).items():
+                stats[key] = stats.get(key, 0) + value
     cfg = model.config
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return {"method": label, "keep": keep, "length": length, "task": task, "n": n, "accuracy": ok / n,
-            **summary(stats), "kv_bytes_step": kv_bytes_per_step(label, length, keep, cfg.num_attention_heads,
-                                                                  cfg.num_key_value_heads, hd, elem=4),
+    return {"method": label, "keep": keep, "length": length, "task": task, "n": n, "fidelity_n": n_fid,
+            "accuracy": ok / n, **summary(stats),
+            "kv_bytes_step": kv_bytes_per_step(label, length, keep, cfg.num_attention_heads,
+                                               cfg.num_key_value_heads, hd, elem=4),
             "dense_kv_bytes_step": kv_bytes_per_step("dense", length, keep, cfg.num_attention_heads,
                                                      cfg.num_key_value_heads, hd, elem=4)}
 
@@ -108,7 +132,7 @@ def append_row(path: str | Path, row: dict) -> None:
 
 
 def run_grid(model, methods: list[str], keeps: list[int], lengths: list[int], tasks: list[str], n: int,
-             out: str | Path, seed: int = 0, log=print) -> list[dict]:
+             out: str | Path, seed: int = 0, log=print, fidelity_n: int | None = None) -> list[dict]:
     """Run every missing cell and append it to ``out`` (JSONL); finished cells are skipped (resumable)."""
     done = {cell_key(r) for r in read_rows(out)}
     for length in lengths:
@@ -118,7 +142,7 @@ def run_grid(model, methods: list[str], keeps: list[int], lengths: list[int], ta
                     key = (label, keep, length, task, n)
                     if key in done or keep >= length and label != "dense":
                         continue
-                    row = run_cell(model, label, keep, length, task, n, seed)
+                    row = run_cell(model, label, keep, length, task, n, seed, fidelity_n)
                     append_row(out, row)
                     done.add(key)
                     log(f"{label:>16} keep={keep:<5} L={length:<5} {task:<10} acc={row['accuracy']:.2f} "

@@ -21,6 +21,8 @@ def _bench_parser(sub) -> None:
     p.add_argument("--lengths", default="1024,2048")
     p.add_argument("--tasks", default="single,multikey,multivalue,vartrack")
     p.add_argument("--n", type=int, default=20)
+    p.add_argument("--fidelity-n", type=int, default=None,
+                   help="fidelity statistics on the first N samples of each cell (default: all n)")
     p.add_argument("--out", default="results/kv/bench.jsonl")
     p.add_argument("--report", default="results/kv/report.md")
     p.add_argument("--plot", default="results/kv/accuracy.png")
@@ -71,7 +73,7 @@ def kv_bench(args) -> None:
     model_dir = args.model or str(embedded_model_dir())
     model = load_embedded(model_dir)
     methods, keeps, lengths, tasks = args.methods.split(","), _ints(args.keeps), _ints(args.lengths), args.tasks
-    run_grid(model, methods, keeps, lengths, tasks.split(","), args.n, out)
+    run_grid(model, methods, keeps, lengths, tasks.split(","), args.n, out, fidelity_n=args.fidelity_n)
     if args.kvpress_python:
         runner = Path(__file__).with_name("kvpress_runner.py")
         subprocess.run([args.kvpress_python, str(runner), model_dir, str(out), "--presses", args.presses,

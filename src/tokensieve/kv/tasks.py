@@ -83,14 +83,20 @@ def make_sample(task: str, length: int, rng: random.Random, n_distract: int = 0)
     return Sample(tokens, answer, task, pos, [(b[1], b[2]) for b in others])
 
 
-def training_sequence(length: int, rng: random.Random, extra: int = 6) -> tuple[list[int], list[int]]:
-    """(tokens, labels) for training: a random task, its question and answer, then up to ``extra`` questions on
-    distractor needles. labels[i] is the target of position i (already shifted); -100 off-answer."""
-    task = rng.choice(TASKS)
-    sample = make_sample(task, length, rng, n_distract=rng.randrange(4, 16))
+def training_sequence(length: int, rng: random.Random, extra: int = 6, task: str | None = None,
+                      distract: tuple[int, int] = (4, 16), key_label: bool = False) -> tuple[list[int], list[int]]:
+    """(tokens, labels) for training: a task (``task``, or drawn uniformly), its question and answer, then up to
+    ``extra`` questions on distractor needles (``randrange(*distract)`` of them; multikey always has 15).
+    labels[i] is the target of position i (already shifted); -100 off-answer. ``key_label``: the question's key
+    token is also labelled with the first answer token (an auxiliary target in place of the trivial ``A``: there
+    the lookup is a plain induction step, "the token after the earlier occurrence of me")."""
+    task = task or rng.choice(TASKS)
+    sample = make_sample(task, length, rng, n_distract=rng.randrange(*distract))
     tokens = sample.prompt + sample.answer
     labels = [-100] * (len(sample.prompt) - 1) + sample.answer + [-100]
+    if key_label:
+        labels[len(sample.prompt) - 2] = sample.answer[0]
     for key, value in rng.sample(sample.others, min(extra, len(sample.others))):  # MQAR-style extra questions
         tokens += [Q, key, A, value]
-        labels += [-100, -100, value, -100]
+        labels += [-100, value if key_label else -100, value, -100]
     return tokens, labels
