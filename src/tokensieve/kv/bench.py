@@ -20,9 +20,9 @@ from .sieve import KVSieve
 from .tasks import make_sample
 
 DEFAULT_HP = {
-    "tokenselect": {"n_init": 4, "n_local": 32, "chunk_size": 64},
-    "tokenselect_div": {"n_init": 4, "n_local": 32, "chunk_size": 64, "head_map": "div"},
-    "tokenselect_bf16": {"n_init": 4, "n_local": 32, "chunk_size": 64, "score_dtype": "bfloat16"},
+    "tokenselect": {"n_init": 4, "n_local": 32, "chunk_size": 32},
+    "tokenselect_div": {"n_init": 4, "n_local": 32, "chunk_size": 32, "head_map": "div"},
+    "tokenselect_bf16": {"n_init": 4, "n_local": 32, "chunk_size": 32, "score_dtype": "bfloat16"},
     "streaming": {"n_sink": 4},
     "fasa": {"n_fc": 4},
     "fasa_adjacent": {"n_fc": 4, "pairing": "adjacent"},
