@@ -7,19 +7,9 @@ import torch
 
 from tokensieve.kv import KVMethodError, KVSieve
 from tokensieve.kv.ops import flat_topk, hisa_topk, indexer_scores, selection_iou
-from tokensieve.kv.testing import tiny_causal_lm, tiny_deepseek_v32
+from tokensieve.kv.testing import shared_deepseek_v32, tiny_causal_lm, token_ids
 
-_M: dict = {}
-
-
-def ds():
-    if "m" not in _M:
-        _M["m"] = tiny_deepseek_v32()
-    return _M["m"]
-
-
-def ids(n=200, seed=1):
-    return torch.randint(1, 128, (1, n), generator=torch.Generator().manual_seed(seed))
+ds, ids = shared_deepseek_v32, token_ids
 
 
 def test_deepseek_v32_class_exists_with_indexer():

@@ -8,19 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from tokensieve.kv import KVSieve
-from tokensieve.kv.testing import tiny_deepseek_v32
+from tokensieve.kv.testing import shared_deepseek_v32, token_ids
 
-_M: dict = {}
-
-
-def ds():
-    if "m" not in _M:
-        _M["m"] = tiny_deepseek_v32()
-    return _M["m"]
-
-
-def ids(n=200, seed=1):
-    return torch.randint(1, 128, (1, n), generator=torch.Generator().manual_seed(seed))
+ds, ids = shared_deepseek_v32, token_ids
 
 
 def _indexers(m):

@@ -48,3 +48,18 @@ def tiny_deepseek_v32(*, layers: int = 2, index_topk: int = 16, attn: str = "sdp
     )
     torch.manual_seed(seed)
     return DeepseekV32ForCausalLM(config).eval()
+
+
+_SHARED: dict[str, torch.nn.Module] = {}
+
+
+def shared_deepseek_v32() -> torch.nn.Module:
+    """One default :func:`tiny_deepseek_v32` per process, for tests that only read it (built once: it is slow)."""
+    if "deepseek_v32" not in _SHARED:
+        _SHARED["deepseek_v32"] = tiny_deepseek_v32()
+    return _SHARED["deepseek_v32"]
+
+
+def token_ids(n: int = 200, seed: int = 1, vocab: int = 128) -> torch.Tensor:
+    """Seeded random prompt ids [1, n] in [1, vocab)."""
+    return torch.randint(1, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
