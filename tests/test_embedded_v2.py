@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from tokensieve.bench.usage import synthetic_layout
 from tokensieve.embedded import SAMPLE_ANSWER, load
 from tokensieve.embedded import sample as shipped_sample
 from tokensieve.embedded import train as train_v2
@@ -95,6 +96,9 @@ def test_default_layout_is_the_shipped_models(tmp_path, monkeypatch):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))  # predates the field: v1
     assert scenes.get_layout() is V1
     assert scenes.layout_of_folder(tmp_path / "missing") == "v1"
+    assert synthetic_layout(str(tmp_path)) is None and synthetic_layout("embedded") is None  # then: the shipped
+    (tmp_path / "config.json").write_text(json.dumps({"embedded_layout": "v2"}))
+    assert synthetic_layout(str(tmp_path)) == "v2"
     with pytest.raises(ValueError, match="unknown scene layout"):
         scenes.get_layout("v3")
 

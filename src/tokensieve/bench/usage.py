@@ -7,7 +7,6 @@ Every argument and path is checked here, before a model loads: argparse ``type=`
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -127,10 +126,11 @@ def check_model_spec(spec: str | None) -> str | None:
 def synthetic_layout(spec: str | None) -> str | None:
     """The synthetic scene layout for ``--model``: the ``embedded_layout`` of a local embedded checkpoint,
     else ``None`` (the shipped model's)."""
-    config = Path(spec).expanduser() / "config.json" if spec not in (None, "", "embedded") else None
-    if config is None or not config.is_file():
+    if spec in (None, "", "embedded"):
         return None
-    return json.loads(config.read_text()).get("embedded_layout")
+    from ..embedded.scenes import layout_of_folder
+
+    return layout_of_folder(Path(spec).expanduser(), default=None)
 
 
 def check_device(device: str | None) -> str | None:

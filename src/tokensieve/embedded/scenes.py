@@ -257,13 +257,13 @@ def render_scene(scene: Scene, rng: np.random.Generator) -> tuple[Image.Image, T
 SHIPPED_MODEL_DIR = Path(__file__).resolve().parent / "model"
 
 
-def layout_of_folder(folder: str | Path) -> str:
-    """The scene layout a saved embedded model was trained on: its config's ``embedded_layout`` ("v1" for
-    checkpoints that predate the field, and for folders that are not embedded models)."""
+def layout_of_folder(folder: str | Path, default: str | None = "v1") -> str | None:
+    """The scene layout a saved embedded model was trained on: its config's ``embedded_layout``, else
+    ``default`` ("v1": checkpoints that predate the field, and folders that are not embedded models)."""
     config = Path(folder) / "config.json"
     if not config.is_file():
-        return "v1"
-    return json.loads(config.read_text()).get("embedded_layout", "v1")
+        return default
+    return json.loads(config.read_text()).get("embedded_layout", default)
 
 
 def get_layout(layout: Layout | str | None = None) -> Layout:
