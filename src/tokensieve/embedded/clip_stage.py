@@ -5,7 +5,9 @@ to match each scene with its caption (:func:`caption`: every object, row by row,
 printed digit and quadrant) against the other captions of the batch and against one hard negative per image
 (:func:`hard_negative`: the same caption with one object's colour, shape, digit or quadrant changed, or one
 object left out), the NegCLIP recipe (Yuksekgonul et al., ICLR 2023) that makes CLIP encode attributes
-rather than a bag of words. Only ``clip.vision_model`` is kept: it becomes the LLaVA vision tower.
+rather than a bag of words. Beside it, dense per-patch heads (:mod:`tokensieve.embedded.dense`, attached as
+``clip.dense_heads``) train the patch tokens LLaVA reads, as the dense objectives of SigLIP 2 do. Only
+``clip.vision_model`` is kept: it becomes the LLaVA vision tower.
 
 Shapes: ``pixel_values`` [B, 3, 168, 168]; captions [2B, T] (B true, B hard negatives); logits [B, 2B].
 """
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPModel
 
+from tokensieve.embedded.dense import DenseHeads, dense_losses
 from tokensieve.embedded.synthetic import COLORS, DIGITS, SHAPES, Scene, quadrant_of
 
 
@@ -64,8 +67,9 @@ def hard_negative(scene: Scene, rng: np.random.Generator) -> str:
     return true  # a scene with nothing to change (never seen in practice); counts as a plain duplicate
 
 
-def build_clip(vision_config, vocab_size: int, pad_id: int, bos_id: int, eos_id: int) -> CLIPModel:
-    """A CLIP model whose vision tower has exactly ``vision_config`` (the LLaVA tower's config)."""
+def build_clip(vision_config, vocab_size: int, pad_id: int, bos_id: int, eos_id: int, cells: int) -> CLIPModel:
+    """A CLIP model whose vision tower has exactly ``vision_config`` (the LLaVA tower's config), with
+    ``dense_heads`` for a layout of ``cells`` x ``cells`` cells."""
     hidden = vision_config.hidden_size
     text = {
         "vocab_size": vocab_size,
@@ -79,7 +83,9 @@ def build_clip(vision_config, vocab_size: int, pad_id: int, bos_id: int, eos_id:
         "eos_token_id": eos_id,
     }
     config = CLIPConfig(text_config=text, vision_config=vision_config.to_dict(), projection_dim=hidden)
-    return CLIPModel(config)
+    clip = CLIPModel(config)
+    clip.dense_heads = DenseHeads(hidden, cells * cells)
+    return clip
 
 
 def caption_ids(texts: list[str], encode, bos_id: int, eos_id: int, pad_id: int):
@@ -94,9 +100,11 @@ def caption_ids(texts: list[str], encode, bos_id: int, eos_id: int, pad_id: int)
     return ids, mask
 
 
-def clip_losses(clip: CLIPModel, pixel_values, ids, mask) -> dict[str, torch.Tensor]:
-    """Symmetric InfoNCE over the batch; texts beyond the first B are hard negatives of image i - B."""
-    images = F.normalize(clip.get_image_features(pixel_values=pixel_values).pooler_output, dim=-1)
+def clip_losses(clip: CLIPModel, pixel_values, ids, mask, dense_targets, feature_layer: int = -2):
+    """Symmetric InfoNCE over the batch (texts beyond the first B are hard negatives of image i - B), plus the
+    dense loss on the patch tokens of ``feature_layer`` (the LLaVA feature layer; CLS dropped)."""
+    vision = clip.get_image_features(pixel_values=pixel_values, output_hidden_states=True)
+    images = F.normalize(vision.pooler_output, dim=-1)
     texts = F.normalize(clip.get_text_features(input_ids=ids, attention_mask=mask).pooler_output, dim=-1)
     n = images.shape[0]
     logits = clip.logit_scale.exp().clamp(max=100.0) * images @ texts.T  # [B, 2B]
@@ -105,4 +113,5 @@ def clip_losses(clip: CLIPModel, pixel_values, ids, mask) -> dict[str, torch.Ten
     with torch.no_grad():
         retrieval = (logits.argmax(dim=1) == target).float().mean()
         beats_negative = (logits[target, target] > logits[target, target + n]).float().mean()
-    return {"clip": loss, "retrieval": retrieval, "hard_negative": beats_negative}
+    dense = dense_losses(clip.dense_heads, vision.hidden_states[feature_layer][:, 1:], dense_targets)
+    return {"clip": loss, "retrieval": retrieval, "hard_negative": beats_negative, **dense}

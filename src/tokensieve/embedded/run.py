@@ -18,7 +18,7 @@ from tokensieve.embedded.build import build_config, build_model, build_processor
 from tokensieve.embedded.clip_stage import build_clip
 from tokensieve.embedded.evaluate import accuracy, answer
 from tokensieve.embedded.stages import align_batch, clip_step, instruct_batch, lm_losses
-from tokensieve.embedded.synthetic import V2_VOCABULARY_WORDS, make_split
+from tokensieve.embedded.synthetic import V2, V2_VOCABULARY_WORDS, make_split
 
 STAGES = ("clip", "align", "instruct")
 
@@ -33,15 +33,17 @@ class V2Config:
     text_hidden: int = 128
     text_layers: int = 12
     heads: int = 4
-    clip_steps: int = 1200
+    clip_steps: int = 900
     clip_batch: int = 48
     clip_lr: float = 1e-3
-    align_steps: int = 1200
+    dense_weight: float = 1.0  # the dense per-patch loss beside the contrastive one (embedded.dense)
+    align_steps: int = 500
     align_batch: int = 16
     align_lr: float = 1e-3
     instruct_steps: int = 2400
     instruct_batch: int = 16
-    instruct_lr: float = 6e-4
+    instruct_lr: float = 8e-4
+    caption_fraction: float = 0.1  # instruction batches that are captioning batches, so alignment is kept
     warmup_steps: int = 100
     min_lr_ratio: float = 0.05
     weight_decay: float = 0.05
@@ -82,7 +84,9 @@ class Run:
         self.model = build_model(llava, seed=c.seed)
         self.model.config.embedded_layout = "v2"  # the scene layout it was trained on (make_split(layout=...))
         tok = self.tokenizer
-        self.clip = build_clip(llava.vision_config, len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
+        self.clip = build_clip(
+            llava.vision_config, len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, V2.cells
+        )
         grid = llava.vision_config.image_size // llava.vision_config.patch_size
         self.builder = BatchBuilder(self.tokenizer, grid * grid)
         self.rng = np.random.default_rng([2, c.seed])
@@ -161,12 +165,14 @@ class Run:
         c = self.config
         if name == "clip":
             losses = clip_step(self.clip, self.builder, self.rng, c.clip_batch)
-            loss = losses["clip"]
+            loss = losses["clip"] + c.dense_weight * losses["dense"]
         else:
             if name == "align":
                 batch = align_batch(self.builder, self.rng, c.align_batch)
             else:
-                batch = instruct_batch(self.builder, self.rng, c.instruct_batch, c.multi_image_fraction)
+                batch = instruct_batch(
+                    self.builder, self.rng, c.instruct_batch, c.multi_image_fraction, c.caption_fraction
+                )
             losses = lm_losses(self.model, batch)
             loss = losses["loss"]
         self.optimizer.zero_grad(set_to_none=True)

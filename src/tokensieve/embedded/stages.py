@@ -17,6 +17,7 @@ import torch
 
 from tokensieve.embedded.batches import BatchBuilder, pixel_tensor
 from tokensieve.embedded.clip_stage import caption, caption_ids, clip_losses, hard_negative
+from tokensieve.embedded.dense import dense_targets
 from tokensieve.embedded.synthetic import ANSWER_MARK, V2, TrainingExample, make_training_example
 
 
@@ -43,7 +44,9 @@ def clip_step(clip, builder: BatchBuilder, rng: np.random.Generator, batch_size:
     texts = [caption(e.scene) for e in batch] + [hard_negative(e.scene, rng) for e in batch]
     tok = builder.tokenizer
     ids, mask = caption_ids(texts, builder._ids, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
-    return clip_losses(clip, pixel_tensor([e.image for e in batch]), ids, mask)
+    per_image = [dense_targets(e.scene, e.object_tokens) for e in batch]
+    targets = {k: torch.from_numpy(np.stack([t[k] for t in per_image])) for k in per_image[0]}
+    return clip_losses(clip, pixel_tensor([e.image for e in batch]), ids, mask, targets)
 
 
 def align_batch(builder: BatchBuilder, rng: np.random.Generator, batch_size: int) -> dict[str, torch.Tensor]:
@@ -58,9 +61,16 @@ def align_batch(builder: BatchBuilder, rng: np.random.Generator, batch_size: int
 
 
 def instruct_batch(
-    builder: BatchBuilder, rng: np.random.Generator, batch_size: int, multi_image_fraction: float
+    builder: BatchBuilder,
+    rng: np.random.Generator,
+    batch_size: int,
+    multi_image_fraction: float,
+    caption_fraction: float = 0.0,
 ) -> dict[str, torch.Tensor]:
-    """Multi-turn question rows; with probability ``multi_image_fraction`` half as many 2-3 image rows."""
+    """Multi-turn question rows; with probability ``multi_image_fraction`` half as many 2-3 image rows, and
+    with probability ``caption_fraction`` a captioning batch (LLaVA's stage-2 mix keeps caption data too)."""
+    if caption_fraction > 0 and rng.random() < caption_fraction:
+        return align_batch(builder, rng, batch_size)
     if rng.random() < multi_image_fraction:
         segments = []
         for _ in range(max(1, batch_size // 2)):

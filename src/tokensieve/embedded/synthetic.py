@@ -107,6 +107,7 @@ class TrainingExample:
     labels: TokenLabels | None
     pointers: list[tuple[list[int], bool]] = field(default_factory=list)
     scene: Scene | None = None
+    object_tokens: dict[int, list[int]] | None = None  # per object index, the grid tokens it covers
 
 
 def make_training_example(
@@ -119,7 +120,7 @@ def make_training_example(
     layout = get_layout(layout)
     objects, question, _ = build(family, answer, rng, layout)
     scene = new_scene(objects, rng, layout)
-    image, labels, _ = render_scene(scene, rng)
+    image, labels, object_tokens = render_scene(scene, rng)
     turns = {question: answer}
     others = [f for f in FAMILIES if f != family]
     rounds = [others[i] for i in rng.permutation(len(others))] + [FAMILIES[i] for i in rng.permutation(len(FAMILIES))]
@@ -132,7 +133,9 @@ def make_training_example(
     pairs = list(turns.items())
     pairs = [pairs[i] for i in rng.permutation(len(pairs))]
     pointers = [pointer_target(scene, question) for question, _ in pairs]
-    return TrainingExample(image=image, turns=pairs, labels=labels, pointers=pointers, scene=scene)
+    return TrainingExample(
+        image=image, turns=pairs, labels=labels, pointers=pointers, scene=scene, object_tokens=object_tokens
+    )
 
 
 def make_sample(family: str, answer: str, rng: np.random.Generator, layout: Layout | str | None = None) -> Sample:
