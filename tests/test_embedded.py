@@ -27,8 +27,10 @@ from tokensieve.embedded.synthetic import (
 # Minimum per-family accuracy of the shipped model on the first 40 test samples per family: the project's
 # target, 0.90 on every family (the shipped weights reach 1.00 / 1.00 / 0.97 / 1.00 / 1.00 on the full test split).
 SHIPPED_MIN_ACCURACY = dict.fromkeys(("color", "exist", "count", "position", "read"), 0.90)
-# Keeping 11% of the visual tokens at random must cost at least this much mean accuracy.
-RANDOM_KEEP_RATIO, MIN_RANDOM_PRUNING_DROP = 0.11, 0.15
+# v1 answers from an object's centre token, so keeping 11% of the visual tokens at random must cost at least this
+# much mean accuracy; v2 spreads an object over its 4-16 tokens, so a random 11% must keep at least
+# MIN_RANDOM_RETENTION of the unpruned accuracy (issue 11's target) and still cost something.
+RANDOM_KEEP_RATIO, MIN_RANDOM_PRUNING_DROP, MIN_RANDOM_RETENTION = 0.11, 0.15, 0.60
 
 
 def _image_digest(image) -> str:
@@ -186,10 +188,13 @@ def _answer_with_random_tokens(model, processor, samples, keep_ratio: float, see
 
 def test_random_pruning_costs_accuracy(shipped):
     model, processor = shipped
-    samples = make_split("test", 40)
+    samples = make_split("test", 40)  # in the shipped model's layout
     full = accuracy(samples, answer(model, processor, samples, batch_size=40))["mean"]
     kept_all = _answer_with_random_tokens(model, processor, samples[:20], keep_ratio=1.0)
     assert kept_all == answer(model, processor, samples[:20])
     pruned_answers = _answer_with_random_tokens(model, processor, samples, RANDOM_KEEP_RATIO)
     pruned = accuracy(samples, pruned_answers)["mean"]
-    assert full - pruned >= MIN_RANDOM_PRUNING_DROP, (full, pruned)
+    if getattr(model.config, "embedded_layout", "v1") == "v1":
+        assert full - pruned >= MIN_RANDOM_PRUNING_DROP, (full, pruned)
+    else:
+        assert MIN_RANDOM_RETENTION * full <= pruned < full, (full, pruned)
