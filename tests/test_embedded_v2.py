@@ -127,6 +127,7 @@ def test_train_tiny_help_and_refuses_the_shipped_folder(capsys):
 
 TINY = dict(
     vision_hidden=32, vision_layers=1, text_hidden=32, text_layers=1, heads=2, clip_steps=2, clip_batch=2,
+    dense_steps=2, dense_batch=2,
     align_steps=2, align_batch=2, instruct_steps=2, instruct_batch=2, eval_every=1000, eval_per_family=1,
     warmup_steps=1,
 )  # fmt: skip
@@ -173,10 +174,21 @@ def test_stages_not_begun_may_change_their_steps_on_resume(tmp_path: Path):
     assert train_v2.Run(train_v2.V2Config(**later), tmp_path).resume()
     with pytest.raises(train_v2.CheckpointMismatchError, match="clip_steps"):
         train_v2.Run(train_v2.V2Config(**{**TINY, "clip_steps": TINY["clip_steps"] + 5}), tmp_path).resume()
-    run.stage, run.step = 1, 0  # the align stage is about to begin (as finish_stage leaves it): still free
+    run.stage, run.step = train_v2.STAGES.index("align"), 0  # align about to begin (as finish_stage leaves it)
     run.new_optimizer()
     run.save()
     assert train_v2.Run(train_v2.V2Config(**later), tmp_path).resume()
+
+
+def test_a_checkpoint_of_a_recipe_with_other_stages_is_refused(tmp_path: Path):
+    run = train_v2.Run(train_v2.V2Config(**TINY), tmp_path)
+    run.new_optimizer()
+    run.save()
+    state = torch.load(run.state_path, weights_only=False)
+    state["stages"] = ("clip", "align", "instruct")  # the first v2 recipe's, without the dense stage
+    torch.save(state, run.state_path)
+    with pytest.raises(train_v2.CheckpointMismatchError, match="other stages"):
+        train_v2.Run(train_v2.V2Config(**TINY), tmp_path).resume()
 
 
 def test_quick_start_answers_the_sample():

@@ -17,10 +17,10 @@ from tokensieve.embedded.batches import BatchBuilder
 from tokensieve.embedded.build import build_config, build_model, build_processor, build_tokenizer
 from tokensieve.embedded.clip_stage import build_clip
 from tokensieve.embedded.evaluate import accuracy, answer
-from tokensieve.embedded.stages import align_batch, clip_step, instruct_batch, lm_losses
+from tokensieve.embedded.stages import align_batch, clip_step, dense_step, instruct_batch, lm_losses
 from tokensieve.embedded.synthetic import V2, V2_VOCABULARY_WORDS, make_split
 
-STAGES = ("clip", "align", "instruct")
+STAGES = ("clip", "dense", "align", "instruct")
 
 
 @dataclass
@@ -37,6 +37,9 @@ class V2Config:
     clip_batch: int = 48
     clip_lr: float = 1e-3
     dense_weight: float = 1.0  # the dense per-patch loss beside the contrastive one (embedded.dense)
+    dense_steps: int = 500  # then the dense objective alone, at a higher rate (the contrastive loss slows it)
+    dense_batch: int = 48
+    dense_lr: float = 2e-3
     align_steps: int = 500
     align_batch: int = 16
     align_lr: float = 1e-3
@@ -97,6 +100,8 @@ class Run:
     def trainable(self) -> list[torch.nn.Parameter]:
         if STAGES[self.stage] == "clip":
             return list(self.clip.parameters())
+        if STAGES[self.stage] == "dense":
+            return [*self.clip.vision_model.parameters(), *self.clip.dense_heads.parameters()]
         self.model.model.vision_tower.requires_grad_(False)
         return [p for n, p in self.model.named_parameters() if not n.startswith("model.vision_tower")]
 
@@ -116,7 +121,8 @@ class Run:
             "stage": self.stage,
             "step": self.step,
             "model": self.model.state_dict(),
-            "clip": self.clip.state_dict() if self.stage == 0 else None,
+            "stages": STAGES,
+            "clip": self.clip.state_dict() if self.stage < STAGES.index("align") else None,
             "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
             "rng": self.rng.bit_generator.state,
             "torch_rng": torch.get_rng_state(),
@@ -129,6 +135,10 @@ class Run:
         if not self.state_path.exists():
             return False
         state = torch.load(self.state_path, weights_only=False)
+        if tuple(state.get("stages", ())) != STAGES:
+            raise CheckpointMismatchError(
+                f"{self.state_path} was written by a recipe with other stages; pass --restart to start over"
+            )
         free = RUNTIME_FIELDS | _unstarted_fields(state["stage"], state["step"])
         saved = {k: v for k, v in state["config"].items() if k not in free}
         current = {k: v for k, v in asdict(self.config).items() if k not in free}
@@ -166,6 +176,9 @@ class Run:
         if name == "clip":
             losses = clip_step(self.clip, self.builder, self.rng, c.clip_batch)
             loss = losses["clip"] + c.dense_weight * losses["dense"]
+        elif name == "dense":
+            losses = dense_step(self.clip, self.rng, c.dense_batch)
+            loss = losses["dense"]
         else:
             if name == "align":
                 batch = align_batch(self.builder, self.rng, c.align_batch)
@@ -220,7 +233,7 @@ class Run:
 
     def finish_stage(self) -> None:
         name = STAGES[self.stage]
-        if name == "clip":
+        if name in ("clip", "dense"):
             self.model.model.vision_tower.load_state_dict(self.clip.vision_model.state_dict())
         if name == "instruct":
             self.log(f"eval {name} final val {_format(self.evaluate())}")

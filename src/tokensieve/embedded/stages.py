@@ -1,6 +1,7 @@
 """Batches and losses of the three v2 training stages (see :mod:`tokensieve.embedded.train`).
 
-- ``clip``: images and captions for :mod:`tokensieve.embedded.clip_stage`;
+- ``clip``: images and captions for :mod:`tokensieve.embedded.clip_stage`, plus the dense per-patch targets;
+- ``dense``: the dense per-patch objective alone (:mod:`tokensieve.embedded.dense`);
 - ``align`` (LLaVA stage 1, feature alignment): ``<s> <image>x144 answer: <caption> </s>``, loss on the caption;
 - ``instruct`` (LLaVA stage 2, visual instruction tuning): multi-turn questions about one image
   (``<s> <image>x144 q1 answer: a1 </s> q2 answer: a2 </s> ...``), loss on the answers; a small share of rows
@@ -17,7 +18,7 @@ import torch
 
 from tokensieve.embedded.batches import BatchBuilder, pixel_tensor
 from tokensieve.embedded.clip_stage import caption, caption_ids, clip_losses, hard_negative
-from tokensieve.embedded.dense import dense_targets
+from tokensieve.embedded.dense import dense_losses, dense_targets
 from tokensieve.embedded.synthetic import ANSWER_MARK, V2, TrainingExample, make_training_example
 
 
@@ -44,9 +45,19 @@ def clip_step(clip, builder: BatchBuilder, rng: np.random.Generator, batch_size:
     texts = [caption(e.scene) for e in batch] + [hard_negative(e.scene, rng) for e in batch]
     tok = builder.tokenizer
     ids, mask = caption_ids(texts, builder._ids, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    return clip_losses(clip, pixel_tensor([e.image for e in batch]), ids, mask, _dense_targets(batch))
+
+
+def _dense_targets(batch: list[TrainingExample]) -> dict[str, torch.Tensor]:
     per_image = [dense_targets(e.scene, e.object_tokens) for e in batch]
-    targets = {k: torch.from_numpy(np.stack([t[k] for t in per_image])) for k in per_image[0]}
-    return clip_losses(clip, pixel_tensor([e.image for e in batch]), ids, mask, targets)
+    return {k: torch.from_numpy(np.stack([t[k] for t in per_image])) for k in per_image[0]}
+
+
+def dense_step(clip, rng: np.random.Generator, batch_size: int, feature_layer: int = -2) -> dict[str, torch.Tensor]:
+    """The dense objective alone on ``batch_size`` fresh scenes (the vision tower and its dense heads)."""
+    batch = examples(rng, batch_size, max_turns=1)
+    vision = clip.vision_model(pixel_values=pixel_tensor([e.image for e in batch]), output_hidden_states=True)
+    return dense_losses(clip.dense_heads, vision.hidden_states[feature_layer][:, 1:], _dense_targets(batch))
 
 
 def align_batch(builder: BatchBuilder, rng: np.random.Generator, batch_size: int) -> dict[str, torch.Tensor]:

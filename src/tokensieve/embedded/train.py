@@ -59,7 +59,7 @@ def _train(config: V2Config, out_dir: Path, restart: bool, save_every_minutes: f
     out_dir.mkdir(parents=True, exist_ok=True)
     run = Run(config, out_dir)
     if run.resume():
-        run.log(f"resumed from {run.state_path}: stage {STAGES[min(run.stage, 2)]} step {run.step}")
+        run.log(f"resumed from {run.state_path}: stage {STAGES[min(run.stage, len(STAGES) - 1)]} step {run.step}")
     else:
         run.new_optimizer()
         n = sum(p.numel() for p in run.model.parameters())
