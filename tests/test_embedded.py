@@ -13,6 +13,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from tokensieve.embedded import synthetic
 from tokensieve.embedded.batches import BatchBuilder, pixel_tensor
 from tokensieve.embedded.build import EMBEDDED_DIR, build_processor, build_tokenizer, load_embedded
+from tokensieve.embedded.check import layout_of
 from tokensieve.embedded.evaluate import accuracy, answer
 from tokensieve.embedded.synthetic import (
     ANSWERS,
@@ -194,7 +195,7 @@ def test_random_pruning_costs_accuracy(shipped):
     assert kept_all == answer(model, processor, samples[:20])
     pruned_answers = _answer_with_random_tokens(model, processor, samples, RANDOM_KEEP_RATIO)
     pruned = accuracy(samples, pruned_answers)["mean"]
-    if getattr(model.config, "embedded_layout", "v1") == "v1":
+    if layout_of(model) == "v1":
         assert full - pruned >= MIN_RANDOM_PRUNING_DROP, (full, pruned)
     else:
         assert MIN_RANDOM_RETENTION * full <= pruned < full, (full, pruned)

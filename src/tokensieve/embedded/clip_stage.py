@@ -67,9 +67,10 @@ def hard_negative(scene: Scene, rng: np.random.Generator) -> str:
     return true  # a scene with nothing to change (never seen in practice); counts as a plain duplicate
 
 
-def build_clip(vision_config, vocab_size: int, pad_id: int, bos_id: int, eos_id: int, cells: int) -> CLIPModel:
-    """A CLIP model whose vision tower has exactly ``vision_config`` (the LLaVA tower's config), with
-    ``dense_heads`` for a layout of ``cells`` x ``cells`` cells."""
+def build_clip(llava_config, vocab_size: int, pad_id: int, bos_id: int, eos_id: int, cells: int) -> CLIPModel:
+    """A CLIP model whose vision tower has exactly the LLaVA tower's config, with ``dense_heads`` on the layer
+    the LLaVA model reads, for a layout of ``cells`` x ``cells`` cells."""
+    vision_config = llava_config.vision_config
     hidden = vision_config.hidden_size
     text = {
         "vocab_size": vocab_size,
@@ -84,7 +85,7 @@ def build_clip(vision_config, vocab_size: int, pad_id: int, bos_id: int, eos_id:
     }
     config = CLIPConfig(text_config=text, vision_config=vision_config.to_dict(), projection_dim=hidden)
     clip = CLIPModel(config)
-    clip.dense_heads = DenseHeads(hidden, cells * cells)
+    clip.dense_heads = DenseHeads(hidden, cells * cells, llava_config.vision_feature_layer)
     return clip
 
 
@@ -100,9 +101,9 @@ def caption_ids(texts: list[str], encode, bos_id: int, eos_id: int, pad_id: int)
     return ids, mask
 
 
-def clip_losses(clip: CLIPModel, pixel_values, ids, mask, dense_targets, feature_layer: int = -2):
+def clip_losses(clip: CLIPModel, pixel_values, ids, mask, dense_targets) -> dict[str, torch.Tensor]:
     """Symmetric InfoNCE over the batch (texts beyond the first B are hard negatives of image i - B), plus the
-    dense loss on the patch tokens of ``feature_layer`` (the LLaVA feature layer; CLS dropped)."""
+    dense loss on the patch tokens the LLaVA model reads."""
     vision = clip.get_image_features(pixel_values=pixel_values, output_hidden_states=True)
     images = F.normalize(vision.pooler_output, dim=-1)
     texts = F.normalize(clip.get_text_features(input_ids=ids, attention_mask=mask).pooler_output, dim=-1)
@@ -113,5 +114,5 @@ def clip_losses(clip: CLIPModel, pixel_values, ids, mask, dense_targets, feature
     with torch.no_grad():
         retrieval = (logits.argmax(dim=1) == target).float().mean()
         beats_negative = (logits[target, target] > logits[target, target + n]).float().mean()
-    dense = dense_losses(clip.dense_heads, vision.hidden_states[feature_layer][:, 1:], dense_targets)
+    dense = dense_losses(clip.dense_heads, vision, dense_targets)
     return {"clip": loss, "retrieval": retrieval, "hard_negative": beats_negative, **dense}

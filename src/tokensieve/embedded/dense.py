@@ -39,11 +39,13 @@ def dense_targets(scene: Scene, object_tokens: dict[int, list[int]]) -> dict[str
 
 
 class DenseHeads(nn.Module):
-    """LayerNorm, then one linear classifier per target (shape, colour, digit, cell) on each patch token."""
+    """LayerNorm, then one linear classifier per target (shape, colour, digit, cell) on each patch token of
+    the vision tower's hidden states at ``feature_layer`` (the layer the LLaVA model reads)."""
 
-    def __init__(self, hidden: int, cells: int) -> None:
+    def __init__(self, hidden: int, cells: int, feature_layer: int) -> None:
         super().__init__()
         self.classes = {**DENSE_HEADS, "cell": 1 + cells}
+        self.feature_layer = feature_layer
         self.norm = nn.LayerNorm(hidden)
         self.linear = nn.Linear(hidden, sum(self.classes.values()))
 
@@ -52,11 +54,15 @@ class DenseHeads(nn.Module):
         return dict(zip(self.classes, logits, strict=True))
 
 
-def dense_losses(
-    heads: DenseHeads, features: torch.Tensor, targets: dict[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """Mean cross-entropy over the heads (``dense``) and the object-token accuracy of each head (``dense_<name>``)."""
-    logits = heads(features)
+    def patch_features(self, vision_outputs) -> torch.Tensor:
+        """[B, 144, D] patch tokens of ``feature_layer`` (CLS dropped, LLaVA's "default" strategy)."""
+        return vision_outputs.hidden_states[self.feature_layer][:, 1:]
+
+
+def dense_losses(heads: DenseHeads, vision_outputs, targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Mean cross-entropy over the heads (``dense``) and the object-token accuracy of each head (``dense_<name>``),
+    on a vision-tower output computed with ``output_hidden_states=True``."""
+    logits = heads(heads.patch_features(vision_outputs))
     losses = [F.cross_entropy(logits[n].reshape(-1, k), targets[n].reshape(-1)) for n, k in heads.classes.items()]
     out = {"dense": torch.stack(losses).mean()}
     with torch.no_grad():

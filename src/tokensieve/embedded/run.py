@@ -88,7 +88,7 @@ class Run:
         self.model.config.embedded_layout = "v2"  # the scene layout it was trained on (make_split(layout=...))
         tok = self.tokenizer
         self.clip = build_clip(
-            llava.vision_config, len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, V2.cells
+            llava, len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, V2.cells
         )
         grid = llava.vision_config.image_size // llava.vision_config.patch_size
         self.builder = BatchBuilder(self.tokenizer, grid * grid)

@@ -1,4 +1,4 @@
-"""Batches and losses of the three v2 training stages (see :mod:`tokensieve.embedded.train`).
+"""Batches and losses of the four v2 training stages (see :mod:`tokensieve.embedded.train`).
 
 - ``clip``: images and captions for :mod:`tokensieve.embedded.clip_stage`, plus the dense per-patch targets;
 - ``dense``: the dense per-patch objective alone (:mod:`tokensieve.embedded.dense`);
@@ -53,11 +53,11 @@ def _dense_targets(batch: list[TrainingExample]) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.stack([t[k] for t in per_image])) for k in per_image[0]}
 
 
-def dense_step(clip, rng: np.random.Generator, batch_size: int, feature_layer: int = -2) -> dict[str, torch.Tensor]:
+def dense_step(clip, rng: np.random.Generator, batch_size: int) -> dict[str, torch.Tensor]:
     """The dense objective alone on ``batch_size`` fresh scenes (the vision tower and its dense heads)."""
     batch = examples(rng, batch_size, max_turns=1)
     vision = clip.vision_model(pixel_values=pixel_tensor([e.image for e in batch]), output_hidden_states=True)
-    return dense_losses(clip.dense_heads, vision.hidden_states[feature_layer][:, 1:], _dense_targets(batch))
+    return dense_losses(clip.dense_heads, vision, _dense_targets(batch))
 
 
 def align_batch(builder: BatchBuilder, rng: np.random.Generator, batch_size: int) -> dict[str, torch.Tensor]:
