@@ -207,13 +207,17 @@ def _vllm_importable() -> str | None:
 _VLLM_SCRIPT = """
 import json, sys
 from vllm import LLM, SamplingParams
+
+# An explicit KV size: the fraction-of-RAM default subtracts the process RSS, which goes negative on a small CI
+# node (0.05 x 13 GiB < 0.9 GiB RSS).
+KV_BYTES = 256 * 2**20
 from tokensieve.embedded.synthetic import make_split, prompt_for
 
 
 def main():
     samples = make_split("test", int(sys.argv[2]))
     llm = LLM(model=sys.argv[1], max_model_len=512, enforce_eager=True, dtype="float32", max_num_seqs=16,
-              gpu_memory_utilization=0.05, mm_processor_cache_gb=0)
+              kv_cache_memory_bytes=KV_BYTES, mm_processor_cache_gb=0)
     prompts = [{"prompt": prompt_for(s), "multi_modal_data": {"image": s.image}} for s in samples]
     outs = llm.generate(prompts, SamplingParams(max_tokens=2, temperature=0))
     print("ANSWERS " + json.dumps([o.outputs[0].text for o in outs]))
@@ -263,6 +267,10 @@ def test_vllm_runs_the_plugin_on_the_embedded_model(tmp_path, name):
 _QWEN_SCRIPT = '''
 import json, os, sys
 from vllm import LLM, SamplingParams
+
+# An explicit KV size: the fraction-of-RAM default subtracts the process RSS, which goes negative on a small CI
+# node (0.05 x 13 GiB < 0.9 GiB RSS).
+KV_BYTES = 256 * 2**20
 from vllm.model_executor.models.interfaces import supports_multimodal_pruning
 from vllm.v1.worker import cpu_model_runner
 from tokensieve.testing import random_image
@@ -284,7 +292,7 @@ def main():
     cpu_model_runner.CPUModelRunner.load_model = load_model
     sizes = json.loads(sys.argv[2])
     llm = LLM(model=sys.argv[1], max_model_len=512, enforce_eager=True, dtype="float32", max_num_seqs=8,
-              gpu_memory_utilization=0.05, mm_processor_cache_gb=0, video_pruning_rate=0.01,
+              kv_cache_memory_bytes=KV_BYTES, mm_processor_cache_gb=0, video_pruning_rate=0.01,
               limit_mm_per_prompt={"image": 1, "video": 0})
     prompts = [{"prompt": sys.argv[3], "multi_modal_data": {"image": random_image(i, tuple(s))}}
                for i, s in enumerate(sizes)]
