@@ -120,7 +120,7 @@ def arguments() -> argparse.Namespace:
     ap.add_argument("--eval-n", type=int, default=40)
     ap.add_argument("--eval-lengths", default="512,1024,2048,4096")
     ap.add_argument("--curriculum", default="", help="START:STOP: the accuracy-driven doubling length ladder "
-                    "(replaces --lengths/--warm-*; constant lr after warm-up)")
+                    "(after the --warm-* phase; replaces --lengths; constant lr after warm-up)")
     ap.add_argument("--threshold", type=float, default=0.95, help="in-loop dense accuracy that opens the next rung")
     ap.add_argument("--gate-tasks", default=",".join(TASKS), help="tasks whose check gates the next rung")
     ap.add_argument("--replay", type=float, default=0.5, help="share of steps on the rungs below the current one")
@@ -186,10 +186,11 @@ def main() -> None:
     while elapsed < budget and (not args.max_steps or step < args.max_steps) and not (cur and cur.done):
         t0 = time.perf_counter()
         frac = elapsed / budget
-        if cur:  # the curriculum's mix, and a constant lr after warm-up (the run's length is not known)
-            length, frac = rng.choices(*cur.mix(args.replay))[0], 0.0
+        if cur and frac >= args.warm_frac:  # the curriculum's mix once the warm phase is over
+            length = rng.choices(*cur.mix(args.replay))[0]
         else:
             length = draw_length(frac, rng, lengths, weights, args.warm_frac, warm_lengths)
+        frac = 0.0 if cur else frac  # curriculum: constant lr after warm-up (the run's length is not known)
         ids, labels = batch(rng, length, args.tokens_per_step, args.extra, task_weights, args.key_label, args.repeat)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, frac, args.lr, args.warmup)
