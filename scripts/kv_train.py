@@ -144,7 +144,7 @@ def load(model, opt, args: argparse.Namespace, path: Path) -> tuple[int, float, 
         step, elapsed, log = st["step"], st["elapsed"], st["log"]
         rng.setstate(st["rng"])
         if cur is not None and st.get("curriculum"):  # the schedule continues where it was
-            cur = Curriculum.from_dict(st["curriculum"])
+            cur = Curriculum.from_dict(st["curriculum"], cur.ladder)
         print(f"resumed at step {step}, {elapsed / 60:.1f} min", flush=True)
     return step, elapsed, rng, log, cur
 

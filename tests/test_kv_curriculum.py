@@ -78,3 +78,14 @@ def test_repeat_sequence_labels_the_copied_span():
             assert firsts, "the labelled span repeats an earlier one"
             assert all(labels[i] == tokens[i + 1] for i in on)
             assert any(t >= FILLER[1] for t in copy) or span < 8  # the span draws from keys and values too
+
+
+def test_a_new_ladder_on_resume_continues_at_the_saved_length():
+    cur = Curriculum(make_schedule(128, 1024), level=1)  # at 256
+    cur.update(5, {"single": 0.5}, GATE, 0.95)
+    moved = Curriculum.from_dict(cur.to_dict(), make_schedule(64, 1024))
+    assert moved.length == 256 and moved.level == 2 and moved.history == cur.history
+    assert moved.mix(0.5)[0] == [64, 128, 256]
+    assert Curriculum.from_dict(cur.to_dict(), make_schedule(128, 1024)) == cur
+    done = Curriculum([128, 256], level=2)
+    assert Curriculum.from_dict(done.to_dict(), [128, 256, 512]).length == 512

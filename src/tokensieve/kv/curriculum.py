@@ -61,5 +61,12 @@ class Curriculum:
         return {"ladder": list(self.ladder), "level": self.level, "history": list(self.history)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> Curriculum:
-        return cls(list(d["ladder"]), int(d["level"]), list(d.get("history", [])))
+    def from_dict(cls, d: dict, ladder: list[int] | None = None) -> Curriculum:
+        """The saved schedule; given another ``ladder`` (a resume with a new --curriculum), it continues on that
+        ladder at the first rung not shorter than the saved current length, with the history kept."""
+        saved = cls(list(d["ladder"]), int(d["level"]), list(d.get("history", [])))
+        if ladder is None or list(ladder) == saved.ladder:
+            return saved
+        at = saved.ladder[-1] + 1 if saved.done else saved.length
+        level = next((i for i, n in enumerate(ladder) if n >= at), len(ladder))
+        return cls(list(ladder), level, saved.history)
