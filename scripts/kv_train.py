@@ -3,6 +3,10 @@
     OMP_NUM_THREADS=1 nice -n 5 PYTHONPATH=src python scripts/kv_train.py --threads 1 --minutes 100 \
         --state /work/kvtrain2/state.pt --out src/tokensieve/kv/model
 
+``--curriculum 64:4096`` replaces the fixed length mix by the accuracy-driven ladder of
+``tokensieve.kv.curriculum`` (in-loop dense check every ``--check-every`` steps, ``--gate-tasks`` at
+``--threshold`` open the next doubling, ``--replay`` of the steps stay on the shorter rungs); docs/kv/embedded_model.md.
+
 Checkpoints every ``--ckpt-every`` steps to ``--state`` (model, optimiser, step, elapsed time, RNG, log) and
 resumes from it, so an interrupted run continues; the time box counts across resumes. At the end it saves the
 model (safetensors) and ``meta.json`` with the recipe and the dense accuracy per task and length.
@@ -190,10 +194,9 @@ def main() -> None:
             length = rng.choices(*cur.mix(args.replay))[0]
         else:
             length = draw_length(frac, rng, lengths, weights, args.warm_frac, warm_lengths)
-        frac = 0.0 if cur else frac  # curriculum: constant lr after warm-up (the run's length is not known)
         ids, labels = batch(rng, length, args.tokens_per_step, args.extra, task_weights, args.key_label, args.repeat)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, frac, args.lr, args.warmup)
+        for group in opt.param_groups:  # curriculum: constant lr after warm-up (the run's length is not known)
+            group["lr"] = lr_at(step, 0.0 if cur else frac, args.lr, args.warmup)
         loss = train_step(model, opt, ids, labels)
         step += 1
         if cur and step % args.check_every == 0:
