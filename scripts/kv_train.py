@@ -3,6 +3,10 @@
     OMP_NUM_THREADS=1 nice -n 5 PYTHONPATH=src python scripts/kv_train.py --threads 1 --minutes 100 \
         --state /work/kvtrain2/state.pt --out src/tokensieve/kv/model
 
+``--curriculum 64:4096`` replaces the fixed length mix by the accuracy-driven ladder of
+``tokensieve.kv.curriculum`` (in-loop dense check every ``--check-every`` steps, ``--gate-tasks`` at
+``--threshold`` open the next doubling, ``--replay`` of the steps stay on the shorter rungs); docs/kv/embedded_model.md.
+
 Checkpoints every ``--ckpt-every`` steps to ``--state`` (model, optimiser, step, elapsed time, RNG, log) and
 resumes from it, so an interrupted run continues; the time box counts across resumes. At the end it saves the
 model (safetensors) and ``meta.json`` with the recipe and the dense accuracy per task and length.
@@ -32,8 +36,9 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tokensieve.kv.embedded import dense_accuracy
-from tokensieve.kv.tasks import PAD, TASKS, VOCAB, training_sequence
+from tokensieve.kv.curriculum import Curriculum, make_schedule
+from tokensieve.kv.embedded import dense_accuracy, task_accuracy
+from tokensieve.kv.tasks import PAD, TASKS, VOCAB, fits, repeat_sequence, training_sequence
 
 
 def model_config(args: argparse.Namespace) -> dict:
@@ -49,13 +54,16 @@ def parse_weights(text: str) -> tuple[list[int], list[float]]:
 
 
 def batch(rng: random.Random, length: int, tokens_per_step: int, extra: int, task_weights: list[float],
-          key_label: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+          key_label: bool = False, repeat: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     n = max(1, tokens_per_step // length)
     seqs = []
     short = length < 128  # warm-up lengths: fewer distractors, and no multikey (its 16 needles do not fit)
     weights = [0.0 if short and t == "multikey" else w for t, w in zip(TASKS, task_weights, strict=True)]
     distract = (2, max(3, length // 8)) if short else (4, 16)
     for _ in range(n):
+        if rng.random() < repeat:  # an induction sequence (a copied span), the lookup's simplest form
+            seqs.append(repeat_sequence(length, rng))
+            continue
         task = rng.choices(TASKS, weights=weights)[0]
         seqs.append(training_sequence(length, rng, extra=extra, task=task, distract=distract, key_label=key_label))
     width = max(len(t) for t, _ in seqs)
@@ -115,63 +123,99 @@ def arguments() -> argparse.Namespace:
     ap.add_argument("--state", default=None, help="checkpoint path (default <out>/train_state.pt; keep it out of git)")
     ap.add_argument("--eval-n", type=int, default=40)
     ap.add_argument("--eval-lengths", default="512,1024,2048,4096")
+    ap.add_argument("--curriculum", default="", help="START:STOP: the accuracy-driven doubling length ladder "
+                    "(after the --warm-* phase; replaces --lengths; constant lr after warm-up)")
+    ap.add_argument("--threshold", type=float, default=0.95, help="in-loop dense accuracy that opens the next rung")
+    ap.add_argument("--gate-tasks", default=",".join(TASKS), help="tasks whose check gates the next rung")
+    ap.add_argument("--replay", type=float, default=0.5, help="share of steps on the rungs below the current one")
+    ap.add_argument("--check-every", type=int, default=250)
+    ap.add_argument("--check-n", type=int, default=32)
+    ap.add_argument("--repeat", type=float, default=0.0, help="share of sequences that are induction copies")
     ap.add_argument("--no-final", action="store_true", help="skip saving and evaluating (step-time probes)")
     ap.add_argument("--reuse-eval", action="store_true",
                     help="keep meta.json's dense_accuracy when it was measured at the same step (re-finalising)")
     return ap.parse_args()
 
 
-def main() -> None:
-    args = arguments()
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    config = model_config(args)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**config, attn_implementation="sdpa"))
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    state_path = Path(args.state) if args.state else out / "train_state.pt"
+def load(model, opt, args: argparse.Namespace, path: Path) -> tuple[int, float, random.Random, list, Curriculum]:
     step, elapsed, rng, log = 0, 0.0, random.Random(0), []
-    if state_path.exists():
-        st = torch.load(state_path, weights_only=False)
+    lo, hi = (int(x) for x in args.curriculum.split(":")) if args.curriculum else (0, 0)
+    cur = Curriculum(make_schedule(lo, hi)) if args.curriculum else None
+    if path.exists():
+        st = torch.load(path, weights_only=False)
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         step, elapsed, log = st["step"], st["elapsed"], st["log"]
         rng.setstate(st["rng"])
+        if cur is not None and st.get("curriculum"):  # the schedule continues where it was
+            cur = Curriculum.from_dict(st["curriculum"], cur.ladder)
         print(f"resumed at step {step}, {elapsed / 60:.1f} min", flush=True)
+    return step, elapsed, rng, log, cur
+
+
+def save(model, opt, args: argparse.Namespace, path: Path, step: int, elapsed: float, rng, log, cur) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")  # written whole, then renamed: an interrupt never corrupts it
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed,
+                "log": log, "rng": rng.getstate(), "args": vars(args),
+                "curriculum": cur.to_dict() if cur else None}, tmp)
+    tmp.replace(path)
+
+
+def check(model, cur: Curriculum, args: argparse.Namespace, step: int) -> None:
+    """The in-loop dense check at the current rung (fresh samples each time, seeded by the step)."""
+    rng, length = random.Random(10_000 + step), cur.length
+    model.eval()
+    acc = {t: task_accuracy(model, t, length, args.check_n, rng) for t in TASKS if fits(t, length, 8)}
+    model.train()
+    passed = cur.update(step, acc, args.gate_tasks.split(","), args.threshold)
+    scores = " ".join(f"{t}={a:.2f}" for t, a in acc.items())
+    print(f"check step {step} L={length} {scores}{' -> next rung' if passed else ''}", flush=True)
+
+
+def main() -> None:
+    args = arguments()
+    torch.set_num_threads(args.threads)
+    config = model_config(args)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**config, attn_implementation="sdpa"))
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    state_path = Path(args.state) if args.state else Path(args.out) / "train_state.pt"
+    step, elapsed, rng, log, cur = load(model, opt, args, state_path)
     lengths, weights = parse_weights(args.lengths)
     warm_lengths = parse_weights(args.warm_lengths)
     task_weights = [float(w) for w in args.task_weights.split(",")]
     budget = args.minutes * 60
     model.train()
-    while elapsed < budget and (not args.max_steps or step < args.max_steps):
+    while elapsed < budget and (not args.max_steps or step < args.max_steps) and not (cur and cur.done):
         t0 = time.perf_counter()
         frac = elapsed / budget
-        length = draw_length(frac, rng, lengths, weights, args.warm_frac, warm_lengths)
-        ids, labels = batch(rng, length, args.tokens_per_step, args.extra, task_weights, args.key_label)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, frac, args.lr, args.warmup)
+        if cur and frac >= args.warm_frac:  # the curriculum's mix once the warm phase is over
+            length = rng.choices(*cur.mix(args.replay))[0]
+        else:
+            length = draw_length(frac, rng, lengths, weights, args.warm_frac, warm_lengths)
+        ids, labels = batch(rng, length, args.tokens_per_step, args.extra, task_weights, args.key_label, args.repeat)
+        for group in opt.param_groups:  # curriculum: constant lr after warm-up (the run's length is not known)
+            group["lr"] = lr_at(step, 0.0 if cur else frac, args.lr, args.warmup)
         loss = train_step(model, opt, ids, labels)
         step += 1
+        if cur and step % args.check_every == 0:
+            check(model, cur, args, step)
         elapsed += time.perf_counter() - t0
         log.append((step, round(elapsed, 1), length, round(loss, 4)))
         if step % 10 == 0:
             recent = [x[3] for x in log[-10:]]
             print(f"step {step} {elapsed / 60:.1f}min L={length} loss={sum(recent) / 10:.3f}", flush=True)
-        if step % args.ckpt_every == 0:
-            state_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = state_path.with_suffix(".tmp")  # written whole, then renamed: an interrupt never corrupts it
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed,
-                        "log": log, "rng": rng.getstate(), "args": vars(args)}, tmp)
-            tmp.replace(state_path)
-    if args.no_final:
-        return
-    finish(model, args, config, step, elapsed, log)
+        if step % args.ckpt_every == 0 or (cur and cur.done):
+            save(model, opt, args, state_path, step, elapsed, rng, log, cur)
+    if not args.no_final:
+        finish(model, args, config, step, elapsed, log, cur)
 
 
 CHECK = {"lengths": [512, 1024], "n": 10, "seed": 1234}  # the small seeded sample tests/test_kv_embedded.py reruns
 
 
-def finish(model, args: argparse.Namespace, config: dict, step: int, elapsed: float, log: list) -> None:
+def finish(model, args: argparse.Namespace, config: dict, step: int, elapsed: float, log: list, cur) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model.eval()
@@ -188,7 +232,8 @@ def finish(model, args: argparse.Namespace, config: dict, step: int, elapsed: fl
     meta = {"steps": step, "train_minutes": round(elapsed / 60, 1), "eval_n": args.eval_n,
             "eval_lengths": args.eval_lengths, "eval_seed": 1234, "eval_minutes": eval_minutes,
             "dense_accuracy": acc, "check": {**CHECK, "dense_accuracy": check},
-            "final_loss": log[-1][3] if log else None, "recipe": recipe, "config": config}
+            "final_loss": log[-1][3] if log else None, "recipe": recipe, "config": config,
+            "curriculum": cur.to_dict() if cur else None}
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
     print(json.dumps(acc, indent=1))
 

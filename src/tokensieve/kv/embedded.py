@@ -50,3 +50,18 @@ def dense_accuracy(model, lengths: list[int], n: int, seed: int = 1234) -> dict[
                 ok += int(torch.equal(logits.argmax(-1), torch.tensor(s.answer)))
             acc[f"{task}@{length}"] = ok / n
     return acc
+
+
+@torch.no_grad()
+def task_accuracy(model, task: str, length: int, n: int, rng: random.Random, chunk: int = 8) -> float:
+    """Teacher-forced exact match of ``task`` at ``length`` on ``n`` fresh samples (``n_distract=8`` as in
+    ``dense_accuracy``), batched ``chunk`` at a time: the quick in-loop check of scripts/kv_train.py."""
+    samples = [make_sample(task, length, rng, n_distract=8) for _ in range(n)]
+    ok = 0
+    for i in range(0, n, chunk):
+        part = samples[i : i + chunk]
+        x = torch.tensor([s.prompt + s.answer for s in part])
+        hidden = model.model(x).last_hidden_state[:, length - 1 : -1]
+        pred = model.lm_head(hidden).argmax(-1)
+        ok += int((pred == torch.tensor([s.answer for s in part])).all(-1).sum())
+    return ok / n

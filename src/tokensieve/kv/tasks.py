@@ -100,3 +100,26 @@ def training_sequence(length: int, rng: random.Random, extra: int = 6, task: str
         tokens += [Q, key, A, value]
         labels += [-100, value if key_label else -100, value, -100]
     return tokens, labels
+
+
+def fits(task: str, length: int, n_distract: int) -> bool:
+    """Whether ``make_sample(task, length, rng, n_distract)`` has room (one filler token per needle at least)."""
+    needles = {"single": 1, "multikey": 16, "multivalue": 3 + n_distract, "vartrack": 4 + n_distract}[task]
+    return length - 4 >= 4 * needles
+
+
+def repeat_sequence(length: int, rng: random.Random) -> tuple[list[int], list[int]]:
+    """(tokens, labels) of an induction sequence: filler with a random span (tokens from the whole non-special
+    vocabulary) copied once at a random gap; the copy's tokens after its first are labelled (the next token of
+    the copy), so the target is "the token that followed the earlier occurrence of the current one"."""
+    span = rng.randint(4, max(4, length // 8))
+    start = rng.randrange(1, length - 2 * span + 1)
+    second = rng.randrange(start + span, length - span + 1)
+    tokens = [BOS] + [rng.randrange(*FILLER) for _ in range(length - 1)]
+    copy = [rng.randrange(FILLER[0], VOCAB) for _ in range(span)]
+    tokens[start : start + span] = copy
+    tokens[second : second + span] = copy
+    labels = [-100] * length
+    for i in range(second, second + span - 1):
+        labels[i] = tokens[i + 1]
+    return tokens, labels
