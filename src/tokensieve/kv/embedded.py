@@ -39,23 +39,14 @@ def dense_accuracy(model, lengths: list[int], n: int, seed: int = 1234) -> dict[
     """Exact match per ``task@length``: teacher-forced argmax over the answer (equal to greedy exact match),
     on samples drawn in order length -> task from ``random.Random(seed)`` (as written to meta.json)."""
     rng = random.Random(seed)
-    acc = {}
-    for length in lengths:
-        for task in TASKS:
-            ok = 0
-            for _ in range(n):
-                s = make_sample(task, length, rng, n_distract=8)
-                x = torch.tensor([s.prompt + s.answer])
-                logits = model(x).logits[0, len(s.prompt) - 1 : -1]
-                ok += int(torch.equal(logits.argmax(-1), torch.tensor(s.answer)))
-            acc[f"{task}@{length}"] = ok / n
-    return acc
+    return {f"{task}@{length}": task_accuracy(model, task, length, n, rng) for length in lengths for task in TASKS}
 
 
 @torch.no_grad()
 def task_accuracy(model, task: str, length: int, n: int, rng: random.Random, chunk: int = 8) -> float:
     """Teacher-forced exact match of ``task`` at ``length`` on ``n`` fresh samples (``n_distract=8`` as in
-    ``dense_accuracy``), batched ``chunk`` at a time: the quick in-loop check of scripts/kv_train.py."""
+    ``dense_accuracy``), batched ``chunk`` at a time: meta.json's figures and the in-loop check of
+    scripts/kv_train.py."""
     samples = [make_sample(task, length, rng, n_distract=8) for _ in range(n)]
     ok = 0
     for i in range(0, n, chunk):
