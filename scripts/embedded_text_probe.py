@@ -2,7 +2,8 @@
 
 Each row is a scene written as text (its caption, then `` .``) followed by its question turns, in the
 instruction format (``q answer: a </s>``), with the loss on the answers only: no image, no projector. It prints
-the answer-token accuracy (teacher forced, ``</s>`` excluded) on 64 held-out scenes every 100 steps.
+the answer-token accuracy (teacher forced, ``</s>`` excluded), overall and per question family, on 64
+held-out scenes every 100 steps.
 
 ``PYTHONPATH=src python scripts/embedded_text_probe.py --layers 12 --lr 1.5e-3 --steps 400``
 (docs/embedded.md, "The third run", has the figures).
@@ -23,27 +24,45 @@ from tokensieve.embedded.run import STAGES, Run, V2Config
 from tokensieve.embedded.stages import collate, examples
 from tokensieve.embedded.vocabulary import ANSWER_MARK
 
+FAMILY_OF_QUESTION = (("how many", "count"), ("is there", "exist"), ("where", "position"), ("what number", "read"))
+
+
+def family_of(question: str) -> str:
+    return next((family for start, family in FAMILY_OF_QUESTION if question.startswith(start)), "color")
+
 
 def text_rows(builder, rng: np.random.Generator, n: int) -> dict[str, torch.Tensor]:
-    rows = []
+    """Right-padded rows and, under ``"family"``, each answer token's question family (``""`` elsewhere)."""
+    rows, families = [], []
     for example in examples(rng, n):
         ids = [builder.bos_id] + builder._ids(caption(example.scene) + " .")
         labels = [-100] * len(ids)
+        family = [""] * len(ids)
         for question, reply in example.turns:
             prompt = builder._ids(f"{question} {ANSWER_MARK}")
             target = builder._ids(reply) + [builder.eos_id]
             ids += prompt + target
             labels += [-100] * len(prompt) + target
+            family += [""] * len(prompt) + [family_of(question)] * len(target)
         rows.append((ids, labels))
-    return collate(rows, builder.pad_id)
+        families.append(family)
+    return {**collate(rows, builder.pad_id), "family": families}
 
 
 @torch.no_grad()
-def answer_accuracy(model, batch: dict[str, torch.Tensor], eos_id: int) -> float:
+def answer_accuracy(model, batch: dict, eos_id: int) -> dict[str, float]:
+    """Answer-token accuracy (``</s>`` excluded), overall (``"all"``) and per question family."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     predicted, gold = logits[:, :-1].argmax(-1), batch["labels"][:, 1:]
     scored = (gold != -100) & (gold != eos_id)
-    return float((predicted[scored] == gold[scored]).float().mean())
+    right = predicted == gold
+    width = gold.shape[1]
+    family = np.array([(row + [""] * (width + 1))[1 : width + 1] for row in batch["family"]])
+    result = {"all": float(right[scored].float().mean())}
+    for name in sorted(set(family[scored.numpy()])):
+        mask = scored & torch.from_numpy(family == name)
+        result[name] = float(right[mask].float().mean())
+    return result
 
 
 def main() -> None:
@@ -62,7 +81,9 @@ def main() -> None:
     for step in range(args.steps):
         for group in run.optimizer.param_groups:
             group["lr"] = run.lr_at(step, args.steps, args.lr)
-        loss = run.model(**text_rows(run.builder, rng, args.batch)).loss
+        batch = text_rows(run.builder, rng, args.batch)
+        batch.pop("family")
+        loss = run.model(**batch).loss
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(run.trainable(), 1.0)
@@ -72,7 +93,8 @@ def main() -> None:
             accuracy = answer_accuracy(run.model, held_out, run.builder.eos_id)
             run.model.train()
             minutes = (time.perf_counter() - start) / 60
-            print(f"layers {args.layers} lr {args.lr} step {step + 1}: answer-token accuracy {accuracy:.3f} "
+            scores = " ".join(f"{name} {value:.3f}" for name, value in accuracy.items())
+            print(f"layers {args.layers} lr {args.lr} step {step + 1}: answer-token accuracy {scores} "
                   f"({minutes:.1f} min)", flush=True)  # fmt: skip
 
 
