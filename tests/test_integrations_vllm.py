@@ -207,11 +207,11 @@ def _vllm_importable() -> str | None:
 _VLLM_SCRIPT = """
 import json, sys
 from vllm import LLM, SamplingParams
+from tokensieve.embedded.synthetic import make_split, prompt_for
 
 # An explicit KV size: the fraction-of-RAM default subtracts the process RSS, which goes negative on a small CI
 # node (0.05 x 13 GiB < 0.9 GiB RSS).
 KV_BYTES = 256 * 2**20
-from tokensieve.embedded.synthetic import make_split, prompt_for
 
 
 def main():
@@ -267,13 +267,13 @@ def test_vllm_runs_the_plugin_on_the_embedded_model(tmp_path, name):
 _QWEN_SCRIPT = '''
 import json, os, sys
 from vllm import LLM, SamplingParams
+from vllm.model_executor.models.interfaces import supports_multimodal_pruning
+from vllm.v1.worker import cpu_model_runner
+from tokensieve.testing import random_image
 
 # An explicit KV size: the fraction-of-RAM default subtracts the process RSS, which goes negative on a small CI
 # node (0.05 x 13 GiB < 0.9 GiB RSS).
 KV_BYTES = 256 * 2**20
-from vllm.model_executor.models.interfaces import supports_multimodal_pruning
-from vllm.v1.worker import cpu_model_runner
-from tokensieve.testing import random_image
 
 _load = cpu_model_runner.CPUModelRunner.load_model
 
