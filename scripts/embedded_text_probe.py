@@ -31,7 +31,7 @@ def family_of(question: str) -> str:
     return next((family for start, family in FAMILY_OF_QUESTION if question.startswith(start)), "color")
 
 
-def text_rows(builder, rng: np.random.Generator, n: int) -> dict[str, torch.Tensor]:
+def text_rows(builder, rng: np.random.Generator, n: int, every_token: bool = False) -> dict[str, torch.Tensor]:
     """Right-padded rows and, under ``"family"``, each answer token's question family (``""`` elsewhere)."""
     rows, families = [], []
     for example in examples(rng, n):
@@ -44,7 +44,7 @@ def text_rows(builder, rng: np.random.Generator, n: int) -> dict[str, torch.Tens
             ids += prompt + target
             labels += [-100] * len(prompt) + target
             family += [""] * len(prompt) + [family_of(question)] * len(target)
-        rows.append((ids, labels))
+        rows.append((ids, list(ids) if every_token else labels))
         families.append(family)
     return {**collate(rows, builder.pad_id), "family": families}
 
@@ -71,9 +71,14 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1.5e-3)
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--hidden", type=int, default=128, help="decoder width (the vision tower keeps 128)")
+    parser.add_argument("--heads", type=int, default=4)
+    every = "next-token loss on every token, as in LM pretraining (default: on the answers only)"
+    parser.add_argument("--every-token", action="store_true", help=every)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    run = Run(V2Config(text_layers=args.layers), Path(tempfile.mkdtemp()))
+    config = V2Config(text_layers=args.layers, text_hidden=args.hidden, heads=args.heads)
+    run = Run(config, Path(tempfile.mkdtemp()))
     run.stage = STAGES.index("align")  # the decoder and projector train, the vision tower is frozen
     run.new_optimizer()
     rng, held_out = np.random.default_rng(7), text_rows(run.builder, np.random.default_rng(99), 64)
@@ -81,7 +86,7 @@ def main() -> None:
     for step in range(args.steps):
         for group in run.optimizer.param_groups:
             group["lr"] = run.lr_at(step, args.steps, args.lr)
-        batch = text_rows(run.builder, rng, args.batch)
+        batch = text_rows(run.builder, rng, args.batch, args.every_token)
         batch.pop("family")
         loss = run.model(**batch).loss
         run.optimizer.zero_grad(set_to_none=True)
@@ -94,7 +99,8 @@ def main() -> None:
             run.model.train()
             minutes = (time.perf_counter() - start) / 60
             scores = " ".join(f"{name} {value:.3f}" for name, value in accuracy.items())
-            print(f"layers {args.layers} lr {args.lr} step {step + 1}: answer-token accuracy {scores} "
+            setting = f"layers {args.layers} hidden {args.hidden} heads {args.heads} every-token {args.every_token}"
+            print(f"{setting} lr {args.lr} step {step + 1}: answer-token accuracy {scores} "
                   f"({minutes:.1f} min)", flush=True)  # fmt: skip
 
 
