@@ -49,6 +49,17 @@ def text_rows(builder, rng: np.random.Generator, n: int, every_token: bool = Fal
     return {**collate(rows, builder.pad_id), "family": families}
 
 
+def copy_rows(builder, rng: np.random.Generator, n: int) -> dict[str, torch.Tensor]:
+    """``<s> caption . caption </s>`` with the loss on the second copy: a pretraining task that forms induction
+    (match-and-copy) heads, which looking an object up in the caption needs."""
+    rows = []
+    for example in examples(rng, n, max_turns=1):
+        first = [builder.bos_id] + builder._ids(caption(example.scene) + " .")
+        second = builder._ids(caption(example.scene)) + [builder.eos_id]
+        rows.append((first + second, [-100] * len(first) + second))
+    return collate(rows, builder.pad_id)
+
+
 @torch.no_grad()
 def answer_accuracy(model, batch: dict, eos_id: int) -> dict[str, float]:
     """Answer-token accuracy (``</s>`` excluded), overall (``"all"``) and per question family."""
@@ -75,6 +86,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4)
     every = "next-token loss on every token, as in LM pretraining (default: on the answers only)"
     parser.add_argument("--every-token", action="store_true", help=every)
+    parser.add_argument("--copy-steps", type=int, default=0, help="first train this many steps on caption copying")
     args = parser.parse_args()
     torch.set_num_threads(1)
     config = V2Config(text_layers=args.layers, text_hidden=args.hidden, heads=args.heads)
@@ -86,8 +98,11 @@ def main() -> None:
     for step in range(args.steps):
         for group in run.optimizer.param_groups:
             group["lr"] = run.lr_at(step, args.steps, args.lr)
-        batch = text_rows(run.builder, rng, args.batch, args.every_token)
-        batch.pop("family")
+        if step < args.copy_steps:
+            batch = copy_rows(run.builder, rng, args.batch)
+        else:
+            batch = text_rows(run.builder, rng, args.batch, args.every_token)
+            batch.pop("family")
         loss = run.model(**batch).loss
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -100,6 +115,7 @@ def main() -> None:
             minutes = (time.perf_counter() - start) / 60
             scores = " ".join(f"{name} {value:.3f}" for name, value in accuracy.items())
             setting = f"layers {args.layers} hidden {args.hidden} heads {args.heads} every-token {args.every_token}"
+            setting += f" copy-steps {args.copy_steps}"
             print(f"{setting} lr {args.lr} step {step + 1}: answer-token accuracy {scores} "
                   f"({minutes:.1f} min)", flush=True)  # fmt: skip
 
