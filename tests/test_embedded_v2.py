@@ -126,7 +126,7 @@ def test_train_tiny_help_and_refuses_the_shipped_folder(capsys):
 
 
 TINY = dict(
-    vision_hidden=32, vision_layers=1, text_hidden=32, text_layers=1, heads=2, clip_steps=2, clip_batch=2,
+    vision_hidden=32, vision_layers=1, text_hidden=32, text_layers=2, heads=2, instruct_pointer_layer=1, clip_steps=2, clip_batch=2,
     dense_steps=2, dense_batch=2,
     align_steps=2, align_batch=2, instruct_steps=2, instruct_batch=2, eval_every=1000, eval_per_family=1,
     warmup_steps=1,
@@ -216,3 +216,57 @@ def test_evaluation_uses_the_layout_of_the_checkpoint():
     assert layout_of(model) in ("v1", "v2")
     samples = make_split("test", 1, layout=layout_of(model))
     assert len(answer(model, processor, samples)) == len(FAMILIES)
+
+
+def test_spread_pointers_cover_every_token_of_the_matching_objects_equally():
+    from tokensieve.embedded.batches import BatchBuilder
+    from tokensieve.embedded.stages import instruct_batch
+
+    tokenizer = build_tokenizer(V2_VOCABULARY_WORDS)
+    spread = BatchBuilder(tokenizer, GRID * GRID, spread_pointers=True)
+    rng = np.random.default_rng(3)
+    example = make_training_example(rng, max_turns=8, layout=V2)
+    ids, _, pointers = spread.row_with_pointers([example])
+    image_start = ids.index(spread.image_id)
+    assert pointers, "every v2 example has questions naming a colour or shape"
+    by_query = {query: keys for query, keys, _ in pointers}
+    checked = 0
+    for turn, (question, _) in enumerate(example.turns):
+        objects, with_start = example.pointer_objects[turn]
+        query = _answer_position(ids, tokenizer, turn)
+        if query not in by_query:
+            continue
+        keys = by_query[query]
+        total = sum(keys.values())
+        for index in objects:
+            tokens = [image_start + t for t in example.object_tokens[index]]
+            assert set(tokens) <= set(keys)
+            share = sum(keys[t] / total for t in tokens)
+            assert share == pytest.approx(1 / (len(objects) + with_start), abs=0.02), question
+        assert (0 in keys) == with_start
+        checked += 1
+    assert checked
+    batch = instruct_batch(spread, np.random.default_rng(4), 4, 0.0, with_pointers=True)
+    assert torch.allclose(batch["pointer_target"].sum(-1), torch.ones(len(batch["pointer_row"])))
+    plain = instruct_batch(BatchBuilder(tokenizer, GRID * GRID), np.random.default_rng(4), 4, 0.0)
+    assert torch.equal(plain["input_ids"], batch["input_ids"]), "pointers do not change the data stream"
+
+
+def _answer_position(ids: list[int], tokenizer, turn: int) -> int:
+    marks = [i for i, t in enumerate(ids) if t == tokenizer.convert_tokens_to_ids("answer:")]
+    return marks[turn]
+
+
+def test_pointer_losses_train_the_instruct_stage_and_old_checkpoints_resume(tmp_path: Path):
+    run = train_v2.Run(train_v2.V2Config(**TINY), tmp_path)
+    run.stage = train_v2.STAGES.index("instruct")
+    run.new_optimizer()
+    losses = run.one_step("instruct")
+    assert {"loss", "word", "pointer"} <= set(losses) and all(torch.isfinite(v) for v in losses.values())
+    run.stage = train_v2.STAGES.index("align")
+    run.save()
+    state = torch.load(run.state_path, weights_only=False)
+    for name in ("instruct_pointer_weight", "instruct_pointer_layer", "instruct_pointer_heads"):
+        del state["config"][name]  # a checkpoint written before these settings existed
+    torch.save(state, run.state_path)
+    assert train_v2.Run(train_v2.V2Config(**TINY), tmp_path).resume()

@@ -23,9 +23,10 @@ def pixel_tensor(images) -> torch.Tensor:
 class BatchBuilder:
     """Turns training examples into token ids, answer labels, pixels and aux targets."""
 
-    def __init__(self, tokenizer, image_tokens: int) -> None:
+    def __init__(self, tokenizer, image_tokens: int, spread_pointers: bool = False) -> None:
         self.tokenizer = tokenizer
         self.image_tokens = image_tokens
+        self.spread_pointers = spread_pointers  # pointers on every token of the objects, not their centres
         self.image_id = tokenizer.convert_tokens_to_ids("<image>")
         self.bos_id, self.eos_id, self.pad_id = (
             tokenizer.bos_token_id,
@@ -48,8 +49,9 @@ class BatchBuilder:
         return ids, labels
 
     def row_with_pointers(self, segments: list[TrainingExample]) -> tuple[list[int], list[int], list]:
-        """Like :meth:`row`, plus per turn (position of ``answer:``, target key positions) for the pointer
-        loss; the sequence start (position 0) is a target for existence/count questions."""
+        """Like :meth:`row`, plus per turn (position of ``answer:``, target key weights by position, positions
+        of the question's attribute words) for the pointer losses; the sequence start (position 0) is a target
+        for existence/count questions."""
         ids, labels, pointers = [self.bos_id], [-100], []
         for segment in segments:
             image_start = len(ids)
@@ -61,8 +63,7 @@ class BatchBuilder:
                 ids += prompt + target
                 labels += [-100] * len(prompt) + target
                 if turn < len(segment.pointers):
-                    anchors, with_start = segment.pointers[turn]
-                    keys = [image_start + a for a in anchors] + ([0] if with_start else [])
+                    keys = self._pointer_keys(segment, turn, image_start)
                     prompt_start = len(ids) - len(target) - len(prompt)
                     words = [prompt_start + i for i, w in enumerate(question.split()) if w in ATTRIBUTE_WORDS]
                     if keys and words:
@@ -72,6 +73,23 @@ class BatchBuilder:
                         first_query = len(ids) - len(target) - 1
                         pointers += [(first_query + j, keys, words) for j in range(len(target) - 1)]
         return ids, labels, pointers
+
+    def _pointer_keys(self, segment: TrainingExample, turn: int, image_start: int) -> dict[int, float]:
+        """Unnormalised target weights by position: one per matching object's centre token (v1), or with
+        ``spread_pointers`` one per matching object shared by all the tokens it covers; one for the start."""
+        keys: dict[int, float] = {}
+        if self.spread_pointers and segment.object_tokens is not None:
+            objects, with_start = segment.pointer_objects[turn]
+            for index in objects:
+                tokens = segment.object_tokens[index]
+                for token in tokens:
+                    keys[image_start + token] = keys.get(image_start + token, 0.0) + 1.0 / len(tokens)
+        else:
+            anchors, with_start = segment.pointers[turn]
+            keys = {image_start + anchor: 1.0 for anchor in anchors}
+        if with_start:
+            keys[0] = keys.get(0, 0.0) + 1.0
+        return keys
 
     def batch(self, rows: list[list[TrainingExample]]) -> dict[str, torch.Tensor]:
         encoded = [self.row_with_pointers(segments) for segments in rows]
@@ -89,18 +107,20 @@ class BatchBuilder:
             "labels": labels,
             "attention_mask": attention,
             "pixel_values": pixel_tensor([e.image for e in examples]),
-            **_pointer_targets(encoded, length),
+            **pointer_targets(encoded, length),
             **_aux_targets(examples),
         }
 
 
-def _pointer_targets(encoded: list[tuple[list[int], list[int], list]], length: int) -> dict[str, torch.Tensor]:
+def pointer_targets(encoded: list[tuple[list[int], list[int], list]], length: int) -> dict[str, torch.Tensor]:
     """Rows, query positions and uniform target distributions over key positions of every pointer."""
     flat = [(i, query, keys, words) for i, (_, _, pointers) in enumerate(encoded) for query, keys, words in pointers]
     pointer_target = torch.zeros((len(flat), length))
     word_target = torch.zeros((len(flat), length))
     for t, (_, _, keys, words) in enumerate(flat):
-        pointer_target[t, keys] = 1.0 / len(keys)
+        total = sum(keys.values())
+        for position, weight in keys.items():
+            pointer_target[t, position] = weight / total
         word_target[t, words] = 1.0 / len(words)
     return {
         "pointer_row": torch.tensor([f[0] for f in flat], dtype=torch.long),

@@ -53,7 +53,6 @@ class DenseHeads(nn.Module):
         logits = self.linear(self.norm(features)).split(list(self.classes.values()), dim=-1)
         return dict(zip(self.classes, logits, strict=True))
 
-
     def patch_features(self, vision_outputs) -> torch.Tensor:
         """[B, 144, D] patch tokens of ``feature_layer`` (CLS dropped, LLaVA's "default" strategy)."""
         return vision_outputs.hidden_states[self.feature_layer][:, 1:]

@@ -92,16 +92,22 @@ def derive_question(scene: Scene, family: str, rng: np.random.Generator) -> Deri
     return _DERIVERS[family](scene, rng)
 
 
-def pointer_target(scene: Scene, question: str) -> tuple[list[int], bool]:
-    """Centre tokens of the objects matching every colour/shape word of ``question``, and whether the
-    sequence start is part of the target (existence and counting questions, where matches may be absent)."""
+def matching_objects(scene: Scene, question: str) -> tuple[list[int], bool]:
+    """Indices of the objects matching every colour/shape word of ``question``, and whether the sequence start
+    belongs to the target too (existence and counting questions, where matches may be absent)."""
     words = question.split()
     colors = {w for w in words if w in COLORS}
     shapes = {w for w in words if w in SHAPES} | {s for s, plural in SHAPE_PLURALS.items() if plural in words}
-    anchors = [
-        scene.centre_token(o)
-        for o in scene.objects
+    matches = [
+        i
+        for i, o in enumerate(scene.objects)
         if (not colors or o.color in colors) and (not shapes or o.shape in shapes)
     ]
-    with_start = words[0] in ("is", "how")
+    return matches, words[0] in ("is", "how")
+
+
+def pointer_target(scene: Scene, question: str) -> tuple[list[int], bool]:
+    """Centre tokens of the objects :func:`matching_objects` finds, and its sequence-start flag (v1's pointers)."""
+    matches, with_start = matching_objects(scene, question)
+    anchors = [scene.centre_token(scene.objects[i]) for i in matches]
     return [row * GRID + col for row, col in anchors], with_start

@@ -10,9 +10,7 @@ import torch
 from tokensieve.embedded.synthetic import FAMILIES, Sample, prompt_for
 
 
-def answer(
-    model, processor, samples: Sequence[Sample], batch_size: int = 16, max_new_tokens: int = 2
-) -> list[str]:
+def answer(model, processor, samples: Sequence[Sample], batch_size: int = 16, max_new_tokens: int = 2) -> list[str]:
     """Greedy answers (new tokens only, special tokens removed) for ``samples``.
 
     Prompts are left-padded so that every row's answer starts right after its prompt. ``model.generate``
@@ -30,9 +28,7 @@ def answer(
             images = []
             for sample in batch:
                 images.extend(sample.image if isinstance(sample.image, list) else [sample.image])
-            inputs = processor(
-                images=images, text=[prompt_for(s) for s in batch], return_tensors="pt", padding=True
-            )
+            inputs = processor(images=images, text=[prompt_for(s) for s in batch], return_tensors="pt", padding=True)
             inputs = {k: v.to(device) for k, v in inputs.items()}
             inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
             with torch.inference_mode():

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from tokensieve.embedded.pointers import capture_attention_input, pointer_loss
 from tokensieve.embedded.synthetic import COLORS, GRID, SHAPES
 
 # Auxiliary per-token heads: name -> number of classes.
@@ -18,27 +18,6 @@ AUX_HEADS: dict[str, int] = {
     "row": GRID,
     "col": GRID,
 }
-
-
-def pointer_loss(
-    attention: nn.Module, captured: dict, batch: dict[str, torch.Tensor], heads: int, target: torch.Tensor
-) -> torch.Tensor:
-    """Cross-entropy between the first ``heads`` attention heads' distributions at each ``answer:`` token
-    (recomputed from the layer's own q/k projections after RoPE) and the target key positions."""
-    hidden = captured["hidden_states"]
-    cos, sin = captured["position_embeddings"]
-    n_rows, length, _ = hidden.shape
-    query = attention.q_proj(hidden).view(n_rows, length, -1, attention.head_dim).transpose(1, 2)
-    key = attention.k_proj(hidden).view(n_rows, length, -1, attention.head_dim).transpose(1, 2)
-    query, key = apply_rotary_pos_emb(query, key, cos, sin)
-    rows, positions = batch["pointer_row"], batch["pointer_query"]
-    query = query[rows, :heads, positions]  # (turns, heads, head_dim)
-    key = key[rows, :heads]  # (turns, heads, length, head_dim)
-    logits = torch.einsum("thd,thld->thl", query, key).float() * attention.scaling
-    allowed = (torch.arange(length)[None, :] <= positions[:, None]) & batch["attention_mask"][rows].bool()
-    log_probs = logits.masked_fill(~allowed[:, None, :], float("-inf")).log_softmax(dim=-1)
-    log_probs = log_probs.masked_fill(~allowed[:, None, :], 0.0)
-    return -(target[:, None, :] * log_probs).sum(dim=-1).mean()
 
 
 def forward_losses(
@@ -54,13 +33,6 @@ def forward_losses(
     attentions = {name: inner.language_model.layers[index].self_attn for name, index in layers.items()}
     captured: dict[str, dict] = {name: {} for name in layers}
 
-    def capture_into(store: dict):
-        def capture(module, args, kwargs):
-            store["hidden_states"] = args[0] if args else kwargs["hidden_states"]
-            store["position_embeddings"] = kwargs["position_embeddings"]
-
-        return capture
-
     features = inner.get_image_features(
         pixel_values=batch["pixel_values"], vision_feature_layer=-1, vision_feature_select_strategy="default"
     ).pooler_output
@@ -69,7 +41,8 @@ def forward_losses(
     image_mask = (batch["input_ids"] == model.config.image_token_id).unsqueeze(-1)
     embeds = embeds.masked_scatter(image_mask, features.to(embeds.dtype))
     handles = [
-        attentions[name].register_forward_pre_hook(capture_into(captured[name]), with_kwargs=True) for name in layers
+        attentions[name].register_forward_pre_hook(capture_attention_input(captured[name]), with_kwargs=True)
+        for name in layers
     ]
     try:
         output = inner.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"])

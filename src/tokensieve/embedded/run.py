@@ -7,7 +7,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,7 @@ from tokensieve.embedded.batches import BatchBuilder
 from tokensieve.embedded.build import build_config, build_model, build_processor, build_tokenizer
 from tokensieve.embedded.clip_stage import build_clip
 from tokensieve.embedded.evaluate import accuracy, answer
+from tokensieve.embedded.pointers import lm_and_pointer_losses
 from tokensieve.embedded.stages import align_batch, clip_step, dense_step, instruct_batch, lm_losses
 from tokensieve.embedded.synthetic import V2, V2_VOCABULARY_WORDS, make_split
 
@@ -47,12 +48,22 @@ class V2Config:
     instruct_batch: int = 16
     instruct_lr: float = 8e-4
     caption_fraction: float = 0.1  # instruction batches that are captioning batches, so alignment is kept
+    instruct_pointer_weight: float = 1.0  # training-only attention pointers (embedded.pointers); 0 turns off
+    instruct_pointer_layer: int = 2  # the object pointer's layer; the word pointer is the layer before
+    instruct_pointer_heads: int = 2
     warmup_steps: int = 100
     min_lr_ratio: float = 0.05
     weight_decay: float = 0.05
     multi_image_fraction: float = 0.08
     eval_every: int = 300
     eval_per_family: int = 20
+
+    def __post_init__(self) -> None:
+        if self.instruct_pointer_weight > 0 and not 1 <= self.instruct_pointer_layer < self.text_layers:
+            raise ValueError(
+                f"instruct_pointer_layer must be in 1..{self.text_layers - 1} (the word pointer is the layer "
+                f"before it), got {self.instruct_pointer_layer}; pass --instruct-pointer-weight 0 to turn them off"
+            )
 
 
 class RunFolderError(ValueError):
@@ -67,9 +78,9 @@ RUNTIME_FIELDS = {"eval_every", "eval_per_family"}  # may change between a run a
 
 
 def _unstarted_fields(stage: int, step: int) -> set[str]:
-    """Steps, batch and learning rate of the stages not begun at (``stage``, ``step``): free to change."""
+    """The settings (``<stage>_...``) of the stages not begun at (``stage``, ``step``): free to change."""
     first = stage + (step > 0)
-    return {f"{name}_{what}" for name in STAGES[first:] for what in ("steps", "batch", "lr")}
+    return {f.name for f in fields(V2Config) for name in STAGES[first:] if f.name.startswith(f"{name}_")}
 
 
 class Run:
@@ -87,11 +98,9 @@ class Run:
         self.model = build_model(llava, seed=c.seed)
         self.model.config.embedded_layout = "v2"  # the scene layout it was trained on (make_split(layout=...))
         tok = self.tokenizer
-        self.clip = build_clip(
-            llava, len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, V2.cells
-        )
+        self.clip = build_clip(llava, len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, V2.cells)
         grid = llava.vision_config.image_size // llava.vision_config.patch_size
-        self.builder = BatchBuilder(self.tokenizer, grid * grid)
+        self.builder = BatchBuilder(self.tokenizer, grid * grid, spread_pointers=True)
         self.rng = np.random.default_rng([2, c.seed])
         self.stage, self.step, self.optimizer = 0, 0, None
         self.log_path = out_dir / "training_log.txt"
@@ -184,10 +193,18 @@ class Run:
                 batch = align_batch(self.builder, self.rng, c.align_batch)
             else:
                 batch = instruct_batch(
-                    self.builder, self.rng, c.instruct_batch, c.multi_image_fraction, c.caption_fraction
+                    self.builder,
+                    self.rng,
+                    c.instruct_batch,
+                    c.multi_image_fraction,
+                    c.caption_fraction,
+                    with_pointers=c.instruct_pointer_weight > 0,
                 )
-            losses = lm_losses(self.model, batch)
-            loss = losses["loss"]
+            if "pointer_row" in batch:
+                losses = lm_and_pointer_losses(self.model, batch, c.instruct_pointer_layer, c.instruct_pointer_heads)
+            else:
+                losses = lm_losses(self.model, batch)
+            loss = losses["loss"] + c.instruct_pointer_weight * (losses.get("word", 0.0) + losses.get("pointer", 0.0))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.trainable(), 1.0)

@@ -8,7 +8,8 @@
   hold 2-3 images with answered demonstrations, so in-context prompts stay in distribution.
 
 Every LLaVA batch goes through the plain HF forward (``model(input_ids, pixel_values, attention_mask,
-labels)``): no extra heads, no hooks.
+labels)``): no extra heads. The instruction stage adds training-only attention pointer losses
+(:mod:`tokensieve.embedded.pointers`), computed from two layers' own inputs captured by hooks on that forward.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tokensieve.embedded.batches import BatchBuilder, pixel_tensor
+from tokensieve.embedded.batches import BatchBuilder, pixel_tensor, pointer_targets
 from tokensieve.embedded.clip_stage import caption, caption_ids, clip_losses, hard_negative
 from tokensieve.embedded.dense import dense_losses, dense_targets
 from tokensieve.embedded.synthetic import ANSWER_MARK, V2, TrainingExample, make_training_example
@@ -77,9 +78,11 @@ def instruct_batch(
     batch_size: int,
     multi_image_fraction: float,
     caption_fraction: float = 0.0,
+    with_pointers: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Multi-turn question rows; with probability ``multi_image_fraction`` half as many 2-3 image rows, and
-    with probability ``caption_fraction`` a captioning batch (LLaVA's stage-2 mix keeps caption data too)."""
+    with probability ``caption_fraction`` a captioning batch (LLaVA's stage-2 mix keeps caption data too).
+    ``with_pointers`` adds the targets of :mod:`tokensieve.embedded.pointers` (the data stream is unchanged)."""
     if caption_fraction > 0 and rng.random() < caption_fraction:
         return align_batch(builder, rng, batch_size)
     if rng.random() < multi_image_fraction:
@@ -89,9 +92,12 @@ def instruct_batch(
             segments.append(demos + examples(rng, 1, max_turns=2))
     else:
         segments = [[e] for e in examples(rng, batch_size)]
-    rows = [builder.row(row) for row in segments]
+    encoded = [builder.row_with_pointers(row) for row in segments]
+    batch = collate([(ids, labels) for ids, labels, _ in encoded], builder.pad_id)
+    if with_pointers:
+        batch.update(pointer_targets(encoded, batch["input_ids"].shape[1]))
     images = [e.image for row in segments for e in row]
-    return {**collate(rows, builder.pad_id), "pixel_values": pixel_tensor(images)}
+    return {**batch, "pixel_values": pixel_tensor(images)}
 
 
 def lm_losses(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

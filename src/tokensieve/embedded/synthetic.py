@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from .derived import derive_question, pointer_target
+from .derived import derive_question, matching_objects, pointer_target
 from .questions import _pick, build, new_scene, quadrant_of
 from .scenes import (  # noqa: F401  (re-exported)
     ANSWERS,
@@ -99,7 +99,8 @@ class TrainingExample:
     """One training image with several (question, answer) turns and its per-token labels.
 
     ``pointers[i]`` is, for turn ``i``, the grid indices of the centre tokens of the objects its question
-    describes and whether the sequence start (a "nothing / how many" sink) belongs to the target too.
+    describes and whether the sequence start (a "nothing / how many" sink) belongs to the target too;
+    ``pointer_objects[i]`` names those objects by index instead (v2 spreads its pointer over all their tokens).
     """
 
     image: Image.Image
@@ -108,6 +109,7 @@ class TrainingExample:
     pointers: list[tuple[list[int], bool]] = field(default_factory=list)
     scene: Scene | None = None
     object_tokens: dict[int, list[int]] | None = None  # per object index, the grid tokens it covers
+    pointer_objects: list[tuple[list[int], bool]] = field(default_factory=list)
 
 
 def make_training_example(
@@ -132,9 +134,14 @@ def make_training_example(
             turns[derived[0]] = derived[1]
     pairs = list(turns.items())
     pairs = [pairs[i] for i in rng.permutation(len(pairs))]
-    pointers = [pointer_target(scene, question) for question, _ in pairs]
     return TrainingExample(
-        image=image, turns=pairs, labels=labels, pointers=pointers, scene=scene, object_tokens=object_tokens
+        image=image,
+        turns=pairs,
+        labels=labels,
+        pointers=[pointer_target(scene, question) for question, _ in pairs],
+        scene=scene,
+        object_tokens=object_tokens,
+        pointer_objects=[matching_objects(scene, question) for question, _ in pairs],
     )
 
 
