@@ -59,7 +59,8 @@ def _train(config: V2Config, out_dir: Path, restart: bool, save_every_minutes: f
     out_dir.mkdir(parents=True, exist_ok=True)
     run = Run(config, out_dir)
     if run.resume():
-        run.log(f"resumed from {run.state_path}: stage {STAGES[min(run.stage, len(STAGES) - 1)]} step {run.step}")
+        where = f"stage {STAGES[run.stage]} step {run.step}" if run.stage < len(STAGES) else "every stage done"
+        run.log(f"resumed from {run.state_path}: {where}")
     else:
         run.new_optimizer()
         n = sum(p.numel() for p in run.model.parameters())
