@@ -126,7 +126,8 @@ def test_train_tiny_help_and_refuses_the_shipped_folder(capsys):
 
 
 TINY = dict(
-    vision_hidden=32, vision_layers=1, text_hidden=32, text_layers=2, heads=2, instruct_pointer_layer=1, clip_steps=2, clip_batch=2,
+    vision_hidden=32, vision_layers=1, text_hidden=32, text_layers=2, heads=2, instruct_pointer_layer=1,
+    clip_steps=2, clip_batch=2,
     dense_steps=2, dense_batch=2,
     align_steps=2, align_batch=2, instruct_steps=2, instruct_batch=2, eval_every=1000, eval_per_family=1,
     warmup_steps=1,
