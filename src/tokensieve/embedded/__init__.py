@@ -19,7 +19,7 @@ Quick start::
   ``load_embedded``.
 - :mod:`tokensieve.embedded.evaluate`: greedy answering and per-family accuracy.
 - :mod:`tokensieve.embedded.train`: the v2 recipe (CLIP pretraining, then LLaVA's two stages), resumable;
-  :mod:`tokensieve.embedded.train_v1` (losses in :mod:`.losses_v1`) the recipe of the shipped v1 weights.
+  :mod:`tokensieve.embedded.train_v1` (losses in :mod:`.losses_v1`) the recipe of the earlier v1 weights.
   docs/embedded.md has both.
 """
 

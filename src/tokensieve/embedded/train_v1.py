@@ -19,12 +19,12 @@ Recipe (``/work/shared/research/feasibility.md`` explains the visual-token colla
 - AdamW, warmup then cosine decay over the budget (steps, or the wall-clock cap if that comes first; on a
   shared CPU the cap keeps the schedule complete), fp32 (bf16 autocast was slower here), gradient clipping.
 
-This is the recipe of the shipped v1 weights (``tokensieve train-tiny`` now runs the v2 recipe in
-:mod:`tokensieve.embedded.train`). They came from
+This is the recipe of the v1 weights, shipped until v2 replaced them (``tokensieve train-tiny`` runs the v2
+recipe in :mod:`tokensieve.embedded.train`). They came from
 ``python -m tokensieve.embedded.train_v1 --minutes 57 --steps 9000 --eval-every-steps 600 --out-dir DIR``
 (the wall-clock cap ended it at 5,838 steps, 95k images, 57 min on 2 cores; best validation checkpoint, val
-99.5%; its log is ``model/training_log.txt``). Reading and counting are learned last: reading stayed at chance
-until about step 3,000, then reached 100% by step 4,200.
+99.5%; its log is ``docs/embedded_v1_training_log.txt``). Reading and counting are learned last: reading stayed
+at chance until about step 3,000, then reached 100% by step 4,200.
 The saved artefact is a plain HF ``LlavaForConditionalGeneration`` plus processor (``save_pretrained``).
 """
 
