@@ -106,8 +106,13 @@ def matching_objects(scene: Scene, question: str) -> tuple[list[int], bool]:
     return matches, words[0] in ("is", "how")
 
 
+def centre_tokens(scene: Scene, indices: list[int]) -> list[int]:
+    """Grid indices of the centre tokens of the objects ``indices`` (v1's pointer targets)."""
+    anchors = [scene.centre_token(scene.objects[i]) for i in indices]
+    return [row * GRID + col for row, col in anchors]
+
+
 def pointer_target(scene: Scene, question: str) -> tuple[list[int], bool]:
     """Centre tokens of the objects :func:`matching_objects` finds, and its sequence-start flag (v1's pointers)."""
     matches, with_start = matching_objects(scene, question)
-    anchors = [scene.centre_token(scene.objects[i]) for i in matches]
-    return [row * GRID + col for row, col in anchors], with_start
+    return centre_tokens(scene, matches), with_start

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from .derived import derive_question, matching_objects, pointer_target
+from .derived import centre_tokens, derive_question, matching_objects, pointer_target
 from .questions import _pick, build, new_scene, quadrant_of
 from .scenes import (  # noqa: F401  (re-exported)
     ANSWERS,
@@ -134,14 +134,15 @@ def make_training_example(
             turns[derived[0]] = derived[1]
     pairs = list(turns.items())
     pairs = [pairs[i] for i in rng.permutation(len(pairs))]
+    matches = [matching_objects(scene, question) for question, _ in pairs]
     return TrainingExample(
         image=image,
         turns=pairs,
         labels=labels,
-        pointers=[pointer_target(scene, question) for question, _ in pairs],
+        pointers=[(centre_tokens(scene, objects), with_start) for objects, with_start in matches],
         scene=scene,
         object_tokens=object_tokens,
-        pointer_objects=[matching_objects(scene, question) for question, _ in pairs],
+        pointer_objects=matches,
     )
 
 
