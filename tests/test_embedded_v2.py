@@ -219,12 +219,13 @@ def test_evaluation_uses_the_layout_of_the_checkpoint():
     assert len(answer(model, processor, samples)) == len(FAMILIES)
 
 
-def test_spread_pointers_cover_every_token_of_the_matching_objects_equally():
+@pytest.mark.parametrize("sink_weight", [1.0, 4.0])
+def test_spread_pointers_cover_every_token_of_the_matching_objects_equally(sink_weight: float):
     from tokensieve.embedded.batches import BatchBuilder
     from tokensieve.embedded.stages import instruct_batch
 
     tokenizer = build_tokenizer(V2_VOCABULARY_WORDS)
-    spread = BatchBuilder(tokenizer, GRID * GRID, spread_pointers=True)
+    spread = BatchBuilder(tokenizer, GRID * GRID, spread_pointers=True, sink_weight=sink_weight)
     rng = np.random.default_rng(3)
     example = make_training_example(rng, max_turns=8, layout=V2)
     ids, _, pointers = spread.row_with_pointers([example])
@@ -239,14 +240,19 @@ def test_spread_pointers_cover_every_token_of_the_matching_objects_equally():
             continue
         keys = by_query[query]
         total = sum(keys.values())
+        denominator = len(objects) + sink_weight * with_start
         for index in objects:
             tokens = [image_start + t for t in example.object_tokens[index]]
             assert set(tokens) <= set(keys)
             share = sum(keys[t] / total for t in tokens)
-            assert share == pytest.approx(1 / (len(objects) + with_start), abs=0.02), question
+            assert share == pytest.approx(1 / denominator, abs=0.02), question
         assert (0 in keys) == with_start
+        if with_start:
+            assert keys[0] / total == pytest.approx(sink_weight / denominator, abs=0.02), question
         checked += 1
     assert checked
+    with pytest.raises(ValueError, match="sink_weight"):
+        BatchBuilder(tokenizer, GRID * GRID, sink_weight=0.0)
     batch = instruct_batch(spread, np.random.default_rng(4), 4, 0.0, with_pointers=True)
     assert torch.allclose(batch["pointer_target"].sum(-1), torch.ones(len(batch["pointer_row"])))
     plain = instruct_batch(BatchBuilder(tokenizer, GRID * GRID), np.random.default_rng(4), 4, 0.0)

@@ -51,6 +51,7 @@ class V2Config:
     instruct_pointer_weight: float = 1.0  # training-only attention pointers (embedded.pointers); 0 turns off
     instruct_pointer_layer: int = 2  # the object pointer's layer; the word pointer is the layer before
     instruct_pointer_heads: int = 2
+    instruct_sink_weight: float = 1.0  # the start token's pointer share against one object's (BatchBuilder)
     warmup_steps: int = 100
     min_lr_ratio: float = 0.05
     weight_decay: float = 0.05
@@ -100,7 +101,9 @@ class Run:
         tok = self.tokenizer
         self.clip = build_clip(llava, len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, V2.cells)
         grid = llava.vision_config.image_size // llava.vision_config.patch_size
-        self.builder = BatchBuilder(self.tokenizer, grid * grid, spread_pointers=True)
+        self.builder = BatchBuilder(
+            self.tokenizer, grid * grid, spread_pointers=True, sink_weight=c.instruct_sink_weight
+        )
         self.rng = np.random.default_rng([2, c.seed])
         self.stage, self.step, self.optimizer = 0, 0, None
         self.log_path = out_dir / "training_log.txt"
