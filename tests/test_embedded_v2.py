@@ -277,3 +277,18 @@ def test_pointer_losses_train_the_instruct_stage_and_old_checkpoints_resume(tmp_
         del state["config"][name]  # a checkpoint written before these settings existed
     torch.save(state, run.state_path)
     assert train_v2.Run(train_v2.V2Config(**TINY), tmp_path).resume()
+
+
+def test_family_weights_set_the_primary_question_mix():
+    from tokensieve.embedded.synthetic import _weighted_family
+
+    rng = np.random.default_rng(5)
+    draws = [_weighted_family(rng, {"count": 3.0}) for _ in range(2000)]
+    assert draws.count("count") / len(draws) == pytest.approx(3 / 7, abs=0.04)
+    assert "count" not in {_weighted_family(rng, {"count": 0.0}) for _ in range(300)}
+    for bad in ({"colour": 1.0}, {"count": -1.0}, dict.fromkeys(FAMILIES, 0.0)):
+        with pytest.raises(ValueError, match="family_weights"):
+            _weighted_family(rng, bad)
+    only_count = dict.fromkeys(FAMILIES, 0.0) | {"count": 1.0}
+    example = make_training_example(np.random.default_rng(6), layout=V2, family_weights=only_count)
+    assert any(question.startswith("how many") for question, _ in example.turns)

@@ -52,6 +52,7 @@ class V2Config:
     instruct_pointer_layer: int = 2  # the object pointer's layer; the word pointer is the layer before
     instruct_pointer_heads: int = 2
     instruct_sink_weight: float = 1.0  # the start token's pointer share against one object's (BatchBuilder)
+    instruct_count_weight: float = 1.0  # the counting family's weight as a scene's primary question (others 1)
     warmup_steps: int = 100
     min_lr_ratio: float = 0.05
     weight_decay: float = 0.05
@@ -202,6 +203,7 @@ class Run:
                     c.multi_image_fraction,
                     c.caption_fraction,
                     with_pointers=c.instruct_pointer_weight > 0,
+                    family_weights=None if c.instruct_count_weight == 1.0 else {"count": c.instruct_count_weight},
                 )
             if "pointer_row" in batch:
                 losses = lm_and_pointer_losses(self.model, batch, c.instruct_pointer_layer, c.instruct_pointer_heads)

@@ -23,8 +23,10 @@ from tokensieve.embedded.dense import dense_losses, dense_targets
 from tokensieve.embedded.synthetic import ANSWER_MARK, V2, TrainingExample, make_training_example
 
 
-def examples(rng: np.random.Generator, n: int, max_turns: int = 8) -> list[TrainingExample]:
-    return [make_training_example(rng, max_turns=max_turns, layout=V2) for _ in range(n)]
+def examples(
+    rng: np.random.Generator, n: int, max_turns: int = 8, family_weights: dict[str, float] | None = None
+) -> list[TrainingExample]:
+    return [make_training_example(rng, max_turns, V2, family_weights) for _ in range(n)]
 
 
 def collate(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -79,10 +81,12 @@ def instruct_batch(
     multi_image_fraction: float,
     caption_fraction: float = 0.0,
     with_pointers: bool = False,
+    family_weights: dict[str, float] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Multi-turn question rows; with probability ``multi_image_fraction`` half as many 2-3 image rows, and
     with probability ``caption_fraction`` a captioning batch (LLaVA's stage-2 mix keeps caption data too).
-    ``with_pointers`` adds the targets of :mod:`tokensieve.embedded.pointers` (the data stream is unchanged)."""
+    ``with_pointers`` adds the targets of :mod:`tokensieve.embedded.pointers` (the data stream is unchanged);
+    ``family_weights`` weights the primary question's family of the single-image rows."""
     if caption_fraction > 0 and rng.random() < caption_fraction:
         return align_batch(builder, rng, batch_size)
     if rng.random() < multi_image_fraction:
@@ -91,7 +95,7 @@ def instruct_batch(
             demos = examples(rng, int(rng.integers(1, 3)), max_turns=1)
             segments.append(demos + examples(rng, 1, max_turns=2))
     else:
-        segments = [[e] for e in examples(rng, batch_size)]
+        segments = [[e] for e in examples(rng, batch_size, family_weights=family_weights)]
     encoded = [builder.row_with_pointers(row) for row in segments]
     batch = collate([(ids, labels) for ids, labels, _ in encoded], builder.pad_id)
     if with_pointers:

@@ -113,11 +113,16 @@ class TrainingExample:
 
 
 def make_training_example(
-    rng: np.random.Generator, max_turns: int = 8, layout: Layout | str | None = None
+    rng: np.random.Generator,
+    max_turns: int = 8,
+    layout: Layout | str | None = None,
+    family_weights: dict[str, float] | None = None,
 ) -> TrainingExample:
     """A random scene built for one balanced primary question, plus derived questions (other families
-    first, then further ones in rounds), without repeating a question; turns are shuffled."""
-    family = _pick(rng, FAMILIES)
+    first, then further ones in rounds), without repeating a question; turns are shuffled.
+
+    ``family_weights`` (default: all 1) weights the primary question's family, as a data mix would."""
+    family = _pick(rng, FAMILIES) if family_weights is None else _weighted_family(rng, family_weights)
     answer = _pick(rng, ANSWERS[family])
     layout = get_layout(layout)
     objects, question, _ = build(family, answer, rng, layout)
@@ -144,6 +149,14 @@ def make_training_example(
         object_tokens=object_tokens,
         pointer_objects=matches,
     )
+
+
+def _weighted_family(rng: np.random.Generator, weights: dict[str, float]) -> str:
+    unknown = set(weights) - set(FAMILIES)
+    if unknown or any(w < 0 for w in weights.values()) or not any(weights.get(f, 1.0) for f in FAMILIES):
+        raise ValueError(f"family_weights takes non-negative weights for {FAMILIES}, got {weights}")
+    p = np.array([weights.get(f, 1.0) for f in FAMILIES], dtype=float)
+    return FAMILIES[int(rng.choice(len(FAMILIES), p=p / p.sum()))]
 
 
 def make_sample(family: str, answer: str, rng: np.random.Generator, layout: Layout | str | None = None) -> Sample:
