@@ -38,7 +38,7 @@ class V2Config:
     clip_batch: int = 48
     clip_lr: float = 1e-3
     dense_weight: float = 1.0  # the dense per-patch loss beside the contrastive one (embedded.dense)
-    dense_steps: int = 500  # then the dense objective alone, at a higher rate (the contrastive loss slows it)
+    dense_steps: int = 1200  # then the dense objective alone, at a higher rate (the contrastive loss slows it)
     dense_batch: int = 48
     dense_lr: float = 2e-3
     align_steps: int = 500
@@ -52,7 +52,7 @@ class V2Config:
     instruct_pointer_layer: int = 2  # the object pointer's layer; the word pointer is the layer before
     instruct_pointer_heads: int = 2
     instruct_sink_weight: float = 1.0  # the start token's pointer share against one object's (BatchBuilder)
-    instruct_count_weight: float = 1.0  # the counting family's weight as a scene's primary question (others 1)
+    instruct_count_weight: float = 3.0  # the counting family's weight as a scene's primary question (others 1)
     warmup_steps: int = 100
     min_lr_ratio: float = 0.05
     weight_decay: float = 0.05
