@@ -31,8 +31,8 @@ class BatchBuilder:
         self.tokenizer = tokenizer
         self.image_tokens = image_tokens
         self.spread_pointers = spread_pointers  # pointers on every token of the objects, not their centres
-        # The start token's target weight, one object's being 1: a count n is read from its share w / (w + n),
-        # whose steps between counts are widest near n = w (w = 1 crowds 3, 4 and 5 into 0.25, 0.20, 0.17).
+        # The start token's target weight, one object's being 1 (its share is w / (w + n) for n matches). Larger
+        # w spreads the shares of large counts, but w = 4 counted worse than w = 1 in the sixth run (docs/embedded.md).
         self.sink_weight = sink_weight
         self.image_id = tokenizer.convert_tokens_to_ids("<image>")
         self.bos_id, self.eos_id, self.pad_id = (
