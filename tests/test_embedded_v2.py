@@ -292,3 +292,12 @@ def test_family_weights_set_the_primary_question_mix():
     only_count = dict.fromkeys(FAMILIES, 0.0) | {"count": 1.0}
     example = make_training_example(np.random.default_rng(6), layout=V2, family_weights=only_count)
     assert any(question.startswith("how many") for question, _ in example.turns)
+
+
+def test_a_bad_counting_weight_is_refused_before_training():
+    from tokensieve.embedded.run import V2Config
+
+    with pytest.raises(ValueError, match="family_weights"):
+        V2Config(instruct_count_weight=-1.0)
+    assert V2Config(instruct_count_weight=1.0).family_weights is None
+    assert V2Config().family_weights == {"count": V2Config().instruct_count_weight}

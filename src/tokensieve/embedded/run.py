@@ -19,7 +19,7 @@ from tokensieve.embedded.clip_stage import build_clip
 from tokensieve.embedded.evaluate import accuracy, answer
 from tokensieve.embedded.pointers import lm_and_pointer_losses
 from tokensieve.embedded.stages import align_batch, clip_step, dense_step, instruct_batch, lm_losses
-from tokensieve.embedded.synthetic import V2, V2_VOCABULARY_WORDS, make_split
+from tokensieve.embedded.synthetic import V2, V2_VOCABULARY_WORDS, check_family_weights, make_split
 
 STAGES = ("clip", "dense", "align", "instruct")
 
@@ -66,6 +66,13 @@ class V2Config:
                 f"instruct_pointer_layer must be in 1..{self.text_layers - 1} (the word pointer is the layer "
                 f"before it), got {self.instruct_pointer_layer}; pass --instruct-pointer-weight 0 to turn them off"
             )
+        if self.family_weights is not None:
+            check_family_weights(self.family_weights)  # before any stage runs, not at the first instruction batch
+
+    @property
+    def family_weights(self) -> dict[str, float] | None:
+        """Instruction tuning's primary-question mix; None keeps the unweighted draw (the stream of weight 1)."""
+        return None if self.instruct_count_weight == 1.0 else {"count": self.instruct_count_weight}
 
 
 class RunFolderError(ValueError):
@@ -203,7 +210,7 @@ class Run:
                     c.multi_image_fraction,
                     c.caption_fraction,
                     with_pointers=c.instruct_pointer_weight > 0,
-                    family_weights=None if c.instruct_count_weight == 1.0 else {"count": c.instruct_count_weight},
+                    family_weights=c.family_weights,
                 )
             if "pointer_row" in batch:
                 losses = lm_and_pointer_losses(self.model, batch, c.instruct_pointer_layer, c.instruct_pointer_heads)

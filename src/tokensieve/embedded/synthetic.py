@@ -63,6 +63,7 @@ __all__ = [
     "make_incontext",
     "make_sample",
     "make_split",
+    "check_family_weights",
     "make_training_example",
     "pointer_target",
     "prompt_for",
@@ -151,10 +152,15 @@ def make_training_example(
     )
 
 
-def _weighted_family(rng: np.random.Generator, weights: dict[str, float]) -> str:
+def check_family_weights(weights: dict[str, float]) -> None:
+    """Refuse a primary-question mix with unknown families, negative weights or no weight at all."""
     unknown = set(weights) - set(FAMILIES)
     if unknown or any(w < 0 for w in weights.values()) or not any(weights.get(f, 1.0) for f in FAMILIES):
         raise ValueError(f"family_weights takes non-negative weights for {FAMILIES}, got {weights}")
+
+
+def _weighted_family(rng: np.random.Generator, weights: dict[str, float]) -> str:
+    check_family_weights(weights)
     p = np.array([weights.get(f, 1.0) for f in FAMILIES], dtype=float)
     return FAMILIES[int(rng.choice(len(FAMILIES), p=p / p.sum()))]
 
