@@ -166,19 +166,26 @@ def test_recipe_runs_every_stage_and_resumes_exactly(tmp_path: Path):
     assert not (stopped / "train.lock").exists()
 
 
+TINY_INSTRUCT_LR = train_v2.V2Config().instruct_lr
+
+
 def test_stages_not_begun_may_change_their_steps_on_resume(tmp_path: Path):
     run = train_v2.Run(train_v2.V2Config(**TINY), tmp_path)
     run.new_optimizer()
     run.step = 1  # inside the CLIP stage
     run.save()
     later = {**TINY, "align_steps": TINY["align_steps"] + 5, "instruct_lr": 0.01}
-    assert train_v2.Run(train_v2.V2Config(**later), tmp_path).resume()
+    resumed = train_v2.Run(train_v2.V2Config(**later), tmp_path)
+    assert resumed.resume()
+    assert resumed.changed_on_resume == {"align_steps": (2, 7), "instruct_lr": (TINY_INSTRUCT_LR, 0.01)}
     with pytest.raises(train_v2.CheckpointMismatchError, match="clip_steps"):
         train_v2.Run(train_v2.V2Config(**{**TINY, "clip_steps": TINY["clip_steps"] + 5}), tmp_path).resume()
     run.stage, run.step = train_v2.STAGES.index("align"), 0  # align about to begin (as finish_stage leaves it)
     run.new_optimizer()
     run.save()
     assert train_v2.Run(train_v2.V2Config(**later), tmp_path).resume()
+    train_v2.train(train_v2.V2Config(**later), tmp_path)  # the log names the recipe the later stages ran with
+    assert "changed at this resume: align_steps 2 -> 7, instruct_lr" in (tmp_path / "training_log.txt").read_text()
 
 
 def test_a_checkpoint_of_a_recipe_with_other_stages_is_refused(tmp_path: Path):

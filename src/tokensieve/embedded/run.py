@@ -97,6 +97,7 @@ class Run:
 
     def __init__(self, config: V2Config, out_dir: Path) -> None:
         self.config, self.out_dir = config, out_dir
+        self.changed_on_resume: dict[str, tuple] = {}
         self.state_path = out_dir / "checkpoint" / "state.pt"
         self.tokenizer = build_tokenizer(V2_VOCABULARY_WORDS)
         self.processor = build_processor(self.tokenizer)
@@ -168,6 +169,11 @@ class Run:
                 f"{self.state_path} was written with other settings ({', '.join(changed)}); "
                 "rerun with the same options to resume, or pass --restart to start over"
             )
+        self.changed_on_resume = {  # settings of stages not begun that this resume changes (for the log)
+            k: (state["config"].get(k), v)
+            for k, v in asdict(self.config).items()
+            if k in free - RUNTIME_FIELDS and state["config"].get(k) != v
+        }
         self.model.load_state_dict(state["model"])
         if state["clip"] is not None:
             self.clip.load_state_dict(state["clip"])

@@ -61,6 +61,9 @@ def _train(config: V2Config, out_dir: Path, restart: bool, save_every_minutes: f
     if run.resume():
         where = f"stage {STAGES[run.stage]} step {run.step}" if run.stage < len(STAGES) else "every stage done"
         run.log(f"resumed from {run.state_path}: {where}")
+        if run.changed_on_resume:  # the log says which recipe the stages still to come run with
+            changes = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in sorted(run.changed_on_resume.items()))
+            run.log(f"settings of stages not begun, changed at this resume: {changes}")
     else:
         run.new_optimizer()
         n = sum(p.numel() for p in run.model.parameters())
