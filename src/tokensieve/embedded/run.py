@@ -44,7 +44,7 @@ class V2Config:
     align_steps: int = 500
     align_batch: int = 16
     align_lr: float = 1e-3
-    instruct_steps: int = 3600
+    instruct_steps: int = 4800
     instruct_batch: int = 16
     instruct_lr: float = 8e-4
     caption_fraction: float = 0.1  # instruction batches that are captioning batches, so alignment is kept
