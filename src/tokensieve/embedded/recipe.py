@@ -11,7 +11,7 @@ STAGES = ("clip", "dense", "align", "instruct")
 
 @dataclass
 class V2Config:
-    """Hyperparameters of the v2 recipe (steps sized for about 2.5 hours on 2 idle cores)."""
+    """Hyperparameters of the v2 recipe (about 60 minutes on 2 idle cores; issue 11 allows 2.5 hours)."""
 
     seed: int = 0
     vision_hidden: int = 128
