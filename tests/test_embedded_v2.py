@@ -166,7 +166,7 @@ def test_recipe_runs_every_stage_and_resumes_exactly(tmp_path: Path):
     assert not (stopped / "train.lock").exists()
 
 
-TINY_INSTRUCT_LR = train_v2.V2Config().instruct_lr
+DEFAULT_INSTRUCT_LR = train_v2.V2Config().instruct_lr
 
 
 def test_stages_not_begun_may_change_their_steps_on_resume(tmp_path: Path):
@@ -177,7 +177,7 @@ def test_stages_not_begun_may_change_their_steps_on_resume(tmp_path: Path):
     later = {**TINY, "align_steps": TINY["align_steps"] + 5, "instruct_lr": 0.01}
     resumed = train_v2.Run(train_v2.V2Config(**later), tmp_path)
     assert resumed.resume()
-    assert resumed.changed_on_resume == {"align_steps": (2, 7), "instruct_lr": (TINY_INSTRUCT_LR, 0.01)}
+    assert resumed.changed_on_resume == {"align_steps": (2, 7), "instruct_lr": (DEFAULT_INSTRUCT_LR, 0.01)}
     with pytest.raises(train_v2.CheckpointMismatchError, match="clip_steps"):
         train_v2.Run(train_v2.V2Config(**{**TINY, "clip_steps": TINY["clip_steps"] + 5}), tmp_path).resume()
     run.stage, run.step = train_v2.STAGES.index("align"), 0  # align about to begin (as finish_stage leaves it)
@@ -302,7 +302,7 @@ def test_family_weights_set_the_primary_question_mix():
 
 
 def test_a_bad_counting_weight_is_refused_before_training():
-    from tokensieve.embedded.run import V2Config
+    V2Config = train_v2.V2Config
 
     with pytest.raises(ValueError, match="family_weights"):
         V2Config(instruct_count_weight=-1.0)

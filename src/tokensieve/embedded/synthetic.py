@@ -59,11 +59,11 @@ from .vocabulary import (  # noqa: F401  (re-exported)
 __all__ = [
     "Sample",
     "TrainingExample",
+    "check_family_weights",
     "derive_question",
     "make_incontext",
     "make_sample",
     "make_split",
-    "check_family_weights",
     "make_training_example",
     "pointer_target",
     "prompt_for",
