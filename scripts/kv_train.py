@@ -38,7 +38,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from tokensieve.kv.curriculum import Curriculum, make_schedule
 from tokensieve.kv.embedded import dense_accuracy, task_accuracy
-from tokensieve.kv.tasks import PAD, TASKS, VOCAB, fits, repeat_sequence, training_sequence
+from tokensieve.kv.tasks import PAD, TASKS, VOCAB, fits
+from tokensieve.kv.train_attention import AttentionSupervisor
+from tokensieve.kv.train_batch import batch, draw_length, parse_weights
 
 
 def model_config(args: argparse.Namespace) -> dict:
@@ -48,48 +50,19 @@ def model_config(args: argparse.Namespace) -> dict:
                 tie_word_embeddings=True, pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
 
 
-def parse_weights(text: str) -> tuple[list[int], list[float]]:
-    pairs = [p.split(":") for p in text.split(",")]
-    return [int(a) for a, _ in pairs], [float(b) for _, b in pairs]
-
-
-def batch(rng: random.Random, length: int, tokens_per_step: int, extra: int, task_weights: list[float],
-          key_label: bool = False, repeat: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    n = max(1, tokens_per_step // length)
-    seqs = []
-    short = length < 128  # warm-up lengths: fewer distractors, and no multikey (its 16 needles do not fit)
-    weights = [0.0 if short and t == "multikey" else w for t, w in zip(TASKS, task_weights, strict=True)]
-    distract = (2, max(3, length // 8)) if short else (4, 16)
-    for _ in range(n):
-        if rng.random() < repeat:  # an induction sequence (a copied span), the lookup's simplest form
-            seqs.append(repeat_sequence(length, rng))
-            continue
-        task = rng.choices(TASKS, weights=weights)[0]
-        seqs.append(training_sequence(length, rng, extra=extra, task=task, distract=distract, key_label=key_label))
-    width = max(len(t) for t, _ in seqs)
-    ids = torch.full((n, width), PAD, dtype=torch.long)
-    labels = torch.full((n, width), -100, dtype=torch.long)
-    for i, (t, y) in enumerate(seqs):
-        ids[i, : len(t)] = torch.tensor(t)
-        labels[i, : len(y)] = torch.tensor(y)
-    return ids, labels
-
-
-def draw_length(frac: float, rng: random.Random, lengths: list[int], weights: list[float], warm: float,
-                warm_lengths: tuple[list[int], list[float]]) -> int:
-    if frac < warm:
-        lengths, weights = warm_lengths
-    return rng.choices(lengths, weights=weights)[0]
-
-
 def lr_at(step: int, frac: float, base: float, warmup: int) -> float:
     return base * min(1.0, (step + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
 
-def train_step(model, opt, ids: torch.Tensor, labels: torch.Tensor) -> float:
+def train_step(model, opt, ids: torch.Tensor, labels: torch.Tensor, sup: AttentionSupervisor | None = None,
+               attn_weight: float = 0.0) -> float:
+    if sup is not None:
+        sup.set_batch(ids, labels)
     hidden = model.model(ids).last_hidden_state
     on = labels != -100
     loss = F.cross_entropy(model.lm_head(hidden[on]), labels[on])
+    if sup is not None:
+        loss = loss + attn_weight * sup.loss()
     opt.zero_grad()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -131,6 +104,8 @@ def arguments() -> argparse.Namespace:
     ap.add_argument("--check-every", type=int, default=250)
     ap.add_argument("--check-n", type=int, default=32)
     ap.add_argument("--repeat", type=float, default=0.0, help="share of sequences that are induction copies")
+    ap.add_argument("--attn-weight", type=float, default=0.0, help="weight of the training-only attention "
+                    "supervision of the lookup circuit (tokensieve.kv.train_attention; 0: off)")
     ap.add_argument("--no-final", action="store_true", help="skip saving and evaluating (step-time probes)")
     ap.add_argument("--reuse-eval", action="store_true",
                     help="keep meta.json's dense_accuracy when it was measured at the same step (re-finalising)")
@@ -180,6 +155,9 @@ def main() -> None:
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**config, attn_implementation="sdpa"))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    sup = AttentionSupervisor(args.layers) if args.attn_weight > 0 else None
+    if sup is not None:
+        sup.install(model)
     state_path = Path(args.state) if args.state else Path(args.out) / "train_state.pt"
     step, elapsed, rng, log, cur = load(model, opt, args, state_path)
     lengths, weights = parse_weights(args.lengths)
@@ -197,7 +175,7 @@ def main() -> None:
         ids, labels = batch(rng, length, args.tokens_per_step, args.extra, task_weights, args.key_label, args.repeat)
         for group in opt.param_groups:  # curriculum: constant lr after warm-up (the run's length is not known)
             group["lr"] = lr_at(step, 0.0 if cur else frac, args.lr, args.warmup)
-        loss = train_step(model, opt, ids, labels)
+        loss = train_step(model, opt, ids, labels, sup, args.attn_weight)
         step += 1
         if cur and step % args.check_every == 0:
             check(model, cur, args, step)
@@ -208,6 +186,7 @@ def main() -> None:
             print(f"step {step} {elapsed / 60:.1f}min L={length} loss={sum(recent) / 10:.3f}", flush=True)
         if step % args.ckpt_every == 0 or (cur and cur.done):
             save(model, opt, args, state_path, step, elapsed, rng, log, cur)
+    AttentionSupervisor.uninstall(model)  # the saved config names sdpa
     if not args.no_final:
         finish(model, args, config, step, elapsed, log, cur)
 

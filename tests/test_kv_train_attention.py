@@ -1,0 +1,110 @@
+"""Training-only attention supervision of the embedded KV model (tokensieve.kv.train_attention) and its batches."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from tokensieve.kv.tasks import A, BOS, NEEDLE, PAD, Q, VOCAB
+from tokensieve.kv.train_attention import AttentionSupervisor, Rows, pointer_loss, sequence_targets, value_slots
+from tokensieve.kv.train_batch import batch
+
+KEY, VALUE, OTHER_KEY, OTHER_VALUE, FILL = 300, 600, 301, 601, 20
+# BOS f NEEDLE k v f NEEDLE k' v' Q k A v   (the question's key row and its A row are labelled with v)
+TOKENS = [BOS, FILL, NEEDLE, KEY, VALUE, FILL, NEEDLE, OTHER_KEY, OTHER_VALUE, Q, KEY, A, VALUE]
+LABELS = [-100] * 10 + [VALUE, VALUE, -100]
+
+
+def test_value_slots_and_targets_of_a_hand_built_sequence():
+    assert value_slots(TOKENS) == {VALUE: [4], OTHER_VALUE: [8]}
+    prev, lookup = sequence_targets(TOKENS, LABELS)
+    assert prev == [3, 4, 7, 8, 10, 11]  # needle key/value slots and labelled rows attend to their previous token
+    assert lookup == [(10, [4]), (11, [4])]  # both labelled rows point at the asked needle's value slot
+
+
+def test_needles_after_the_question_are_not_targets():
+    tokens = [BOS, Q, KEY, A, VALUE, NEEDLE, KEY, VALUE]
+    labels = [-100, -100, VALUE, VALUE, -100, -100, -100, -100]
+    assert value_slots(tokens) == {}
+    assert sequence_targets(tokens, labels) == ([2, 3], [])
+
+
+def test_pointer_loss_is_minus_log_of_the_causal_attention_mass_on_targets():
+    torch.manual_seed(0)
+    query, key = torch.randn(1, 2, 4, 3), torch.randn(1, 1, 4, 3)  # 2 query heads share one kv head
+    target = torch.tensor([[True, False, True, False]])
+    rows = Rows(torch.tensor([0]), torch.tensor([2]), target)
+    got = pointer_loss(query, key, rows, head=1, scaling=0.5)
+    scores = [float(query[0, 1, 2] @ key[0, 0, t]) * 0.5 for t in range(3)]  # row 2 sees positions 0..2
+    probs = [math.exp(s) / sum(math.exp(x) for x in scores) for s in scores]
+    assert math.isclose(float(got), -math.log(probs[0] + probs[2]), rel_tol=1e-5)
+
+
+def _tiny_llama(layers: int = 2) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=2, num_key_value_heads=2, head_dim=16, pad_token_id=PAD,
+                      attn_implementation="sdpa")
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_supervision_leaves_the_forward_unchanged_and_uninstalls_to_sdpa():
+    model = _tiny_llama(layers=3)
+    ids, labels = torch.tensor([TOKENS]), torch.tensor([LABELS])
+    with torch.no_grad():
+        dense = model(ids).logits
+    sup = AttentionSupervisor(n_layers=3)
+    sup.install(model)
+    sup.set_batch(ids, labels)
+    logits = model(ids).logits
+    assert torch.allclose(logits, dense, atol=1e-6)
+    assert len(sup.losses) == 2  # layer 0 (prev) and the last layer (lookup); the middle one is free
+    loss = sup.loss()
+    loss.backward()
+    assert torch.isfinite(loss) and loss.item() > 0
+    assert model.model.layers[2].self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert sup.rows == {} and sup.losses == []
+    AttentionSupervisor.uninstall(model)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_no_loss_is_recorded_without_grad():
+    model = _tiny_llama()
+    sup = AttentionSupervisor(n_layers=2)
+    sup.install(model)
+    sup.set_batch(torch.tensor([TOKENS]), torch.tensor([LABELS]))
+    with torch.no_grad():
+        model(torch.tensor([TOKENS]))
+    assert sup.losses == [] and float(sup.loss()) == 0.0
+    AttentionSupervisor.uninstall(model)
+
+
+def test_a_few_supervised_steps_sharpen_the_prev_token_head():
+    model = _tiny_llama().train()
+    sup = AttentionSupervisor(n_layers=2)
+    sup.install(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids, labels = batch(random.Random(0), 64, 512, 4, [1, 0, 0, 0], key_label=True)
+    first = None
+    for _ in range(40):
+        sup.set_batch(ids, labels)
+        model.model(ids)
+        prev_loss = sup.losses[0]
+        loss = sup.loss()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = float(prev_loss) if first is None else first
+    assert float(prev_loss) < 0.5 * first, (first, float(prev_loss))
+    AttentionSupervisor.uninstall(model)
+
+
+def test_batch_pads_right_and_masks_padding():
+    ids, labels = batch(random.Random(1), 128, 512, 6, [1, 1, 1, 1], key_label=True)
+    assert ids.shape == labels.shape and ids.shape[0] == 4 and ids.shape[1] >= 128
+    assert (ids[:, 0] == BOS).all()
+    assert (labels[ids == PAD] == -100).all()
+    assert ((labels != -100).sum(1) > 0).all()  # every sequence carries answer labels
