@@ -8,7 +8,7 @@ import random
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tokensieve.kv.tasks import A, BOS, NEEDLE, PAD, Q, VOCAB
+from tokensieve.kv.tasks import BOS, NEEDLE, PAD, VOCAB, A, Q
 from tokensieve.kv.train_attention import AttentionSupervisor, Rows, pointer_loss, sequence_targets, value_slots
 from tokensieve.kv.train_batch import batch
 
@@ -20,16 +20,27 @@ LABELS = [-100] * 10 + [VALUE, VALUE, -100]
 
 def test_value_slots_and_targets_of_a_hand_built_sequence():
     assert value_slots(TOKENS) == {VALUE: [4], OTHER_VALUE: [8]}
-    prev, lookup = sequence_targets(TOKENS, LABELS)
+    prev, chain, lookup = sequence_targets(TOKENS, LABELS)
     assert prev == [3, 4, 7, 8, 10, 11]  # needle key/value slots and labelled rows attend to their previous token
     assert lookup == [(10, [4]), (11, [4])]  # both labelled rows point at the asked needle's value slot
+    assert chain == []  # no key repeats
+
+
+def test_chain_points_each_repeated_key_at_its_previous_needle():
+    v1, v2, v3 = 600, 610, 620  # multivalue: one key, three values, answered in order
+    tokens = [BOS, NEEDLE, KEY, v1, FILL, NEEDLE, OTHER_KEY, OTHER_VALUE, NEEDLE, KEY, v2, NEEDLE, KEY, v3,
+              Q, KEY, A, v1, v2, v3]
+    labels = [-100] * 15 + [v1, v1, v2, v3, -100]
+    prev, chain, lookup = sequence_targets(tokens, labels)
+    assert chain == [(10, [3]), (13, [10])]
+    assert lookup == [(15, [3]), (16, [3]), (17, [10]), (18, [13])]
 
 
 def test_needles_after_the_question_are_not_targets():
     tokens = [BOS, Q, KEY, A, VALUE, NEEDLE, KEY, VALUE]
     labels = [-100, -100, VALUE, VALUE, -100, -100, -100, -100]
     assert value_slots(tokens) == {}
-    assert sequence_targets(tokens, labels) == ([2, 3], [])
+    assert sequence_targets(tokens, labels) == ([2, 3], [], [])
 
 
 def test_pointer_loss_is_minus_log_of_the_causal_attention_mass_on_targets():
@@ -61,7 +72,7 @@ def test_supervision_leaves_the_forward_unchanged_and_uninstalls_to_sdpa():
     sup.set_batch(ids, labels)
     logits = model(ids).logits
     assert torch.allclose(logits, dense, atol=1e-6)
-    assert len(sup.losses) == 2  # layer 0 (prev) and the last layer (lookup); the middle one is free
+    assert len(sup.losses) == 2  # layer 0 (prev) and the last layer (lookup); no repeated key: no chain rows
     loss = sup.loss()
     loss.backward()
     assert torch.isfinite(loss) and loss.item() > 0
@@ -69,6 +80,16 @@ def test_supervision_leaves_the_forward_unchanged_and_uninstalls_to_sdpa():
     assert sup.rows == {} and sup.losses == []
     AttentionSupervisor.uninstall(model)
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_chain_rows_go_to_layer_one_of_a_three_layer_model():
+    tokens = [BOS, NEEDLE, KEY, VALUE, NEEDLE, KEY, OTHER_VALUE, Q, KEY, A, VALUE, OTHER_VALUE]
+    labels = [-100] * 8 + [VALUE, VALUE, OTHER_VALUE, -100]
+    for layers, supervised in ((2, [0, 1]), (3, [0, 1, 2])):
+        sup = AttentionSupervisor(n_layers=layers)
+        sup.set_batch(torch.tensor([tokens]), torch.tensor([labels]))
+        assert sorted(k for k, v in sup.rows.items() if v is not None) == supervised
+    assert sup.rows[1].row.tolist() == [6] and sup.rows[1].target[0].nonzero().flatten().tolist() == [3]
 
 
 def test_no_loss_is_recorded_without_grad():

@@ -2,10 +2,13 @@
 
 A 2-layer LM trained from scratch on needle retrieval sits for a long time on the plateau before the lookup
 circuit forms (docs/kv/embedded_model.md: about 250 minutes of CPU never got key matching at 128 tokens). The
-circuit is known (an induction pair), so its two attention patterns are supervised directly:
+circuit is known (an induction pair), so its attention patterns are supervised directly:
 
 - ``prev`` (layer 0, head 0): each needle key/value slot and each labelled row attends to the token before it,
   which moves "my previous token is key K" into the value slot and K into the ``A`` row;
+- ``chain`` (layer 1, head 0, models of 3 layers or more): each needle value slot whose key had an earlier
+  needle attends to that needle's value slot, which moves the previous value in (multivalue's ordered walk: the
+  row of answer j then finds the slot whose previous value is j);
 - ``lookup`` (last layer, head 0): each labelled row whose target sits in a needle's value slot attends to that
   slot (for multivalue, the j-th needle gives the j-th answer; for vartrack, every hop is one lookup).
 
@@ -39,14 +42,31 @@ def value_slots(tokens: list[int]) -> dict[int, list[int]]:
     return slots
 
 
-def sequence_targets(tokens: list[int], labels: list[int]) -> tuple[list[int], list[tuple[int, list[int]]]]:
-    """(prev rows, [(lookup row, target positions)]) of one training sequence (PAD rows carry label -100)."""
+def chain_targets(tokens: list[int]) -> list[tuple[int, list[int]]]:
+    """[(value slot, [the value slot of the previous needle with the same key])]: multivalue's ordered walk."""
+    stop = tokens.index(Q) if Q in tokens else len(tokens)
+    last: dict[int, int] = {}
+    chain = []
+    for p in range(min(stop, len(tokens) - 2)):
+        if tokens[p] == NEEDLE:
+            if tokens[p + 1] in last:
+                chain.append((p + 2, [last[tokens[p + 1]]]))
+            last[tokens[p + 1]] = p + 2
+    return chain
+
+
+Pointers = list[tuple[int, list[int]]]
+
+
+def sequence_targets(tokens: list[int], labels: list[int]) -> tuple[list[int], Pointers, Pointers]:
+    """(prev rows, chain pointers, lookup pointers) of one training sequence (PAD rows carry label -100); a
+    pointer is (row, target positions)."""
     slots = value_slots(tokens)
     needle_rows = [p - d for ps in slots.values() for p in ps for d in (0, 1)]  # value slots and key slots
     labelled = [i for i, y in enumerate(labels) if y != -100]
     prev = sorted(set(needle_rows + labelled) - {0})
     lookup = [(i, slots[labels[i]]) for i in labelled if labels[i] in slots and max(slots[labels[i]]) <= i]
-    return prev, lookup
+    return prev, chain_targets(tokens), lookup
 
 
 @dataclass
@@ -97,12 +117,15 @@ class AttentionSupervisor:
         model.config._attn_implementation = "sdpa"
 
     def set_batch(self, ids: torch.Tensor, labels: torch.Tensor) -> None:
-        prev, lookup = [], []
+        prev, chain, lookup = [], [], []
         for b, (t, y) in enumerate(zip(ids.tolist(), labels.tolist(), strict=True)):
-            p, lk = sequence_targets(t, y)
+            p, ch, lk = sequence_targets(t, y)
             prev += [(b, i, [i - 1]) for i in p]
+            chain += [(b, i, pos) for i, pos in ch]
             lookup += [(b, i, pos) for i, pos in lk]
         self.rows = {0: _rows(prev, ids.shape[1]), self.n_layers - 1: _rows(lookup, ids.shape[1])}
+        if self.n_layers >= 3:  # a middle layer hosts the chain (2 layers have none to spare)
+            self.rows[1] = _rows(chain, ids.shape[1])
         self.losses = []
 
     def loss(self) -> torch.Tensor:
