@@ -41,6 +41,7 @@ from tokensieve.kv.embedded import dense_accuracy, task_accuracy
 from tokensieve.kv.tasks import PAD, TASKS, VOCAB, fits
 from tokensieve.kv.train_attention import AttentionSupervisor
 from tokensieve.kv.train_batch import batch, draw_length, parse_weights
+from tokensieve.kv.train_grow import grow_into
 
 
 def model_config(args: argparse.Namespace) -> dict:
@@ -106,6 +107,8 @@ def arguments() -> argparse.Namespace:
     ap.add_argument("--repeat", type=float, default=0.0, help="share of sequences that are induction copies")
     ap.add_argument("--attn-weight", type=float, default=0.0, help="weight of the training-only attention "
                     "supervision of the lookup circuit (tokensieve.kv.train_attention; 0: off)")
+    ap.add_argument("--grow-from", default=None, help="a shallower run's --state: its layers keep the bottom and "
+                    "top places, the new middle layers start as the identity (tokensieve.kv.train_grow)")
     ap.add_argument("--no-final", action="store_true", help="skip saving and evaluating (step-time probes)")
     ap.add_argument("--reuse-eval", action="store_true",
                     help="keep meta.json's dense_accuracy when it was measured at the same step (re-finalising)")
@@ -159,6 +162,8 @@ def main() -> None:
     if sup is not None:
         sup.install(model)
     state_path = Path(args.state) if args.state else Path(args.out) / "train_state.pt"
+    if args.grow_from and not state_path.exists():  # a resume continues from its own state instead
+        print("grown; identity layers:", grow_into(model, torch.load(args.grow_from, weights_only=False)["model"]))
     step, elapsed, rng, log, cur = load(model, opt, args, state_path)
     lengths, weights = parse_weights(args.lengths)
     warm_lengths = parse_weights(args.warm_lengths)

@@ -1,16 +1,18 @@
-"""Training-only attention supervision of the embedded KV model (tokensieve.kv.train_attention) and its batches."""
+"""Training helpers of the embedded KV model: attention supervision (kv.train_attention), batches, growing."""
 
 from __future__ import annotations
 
 import math
 import random
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tokensieve.kv.tasks import BOS, NEEDLE, PAD, VOCAB, A, Q
 from tokensieve.kv.train_attention import AttentionSupervisor, Rows, pointer_loss, sequence_targets, value_slots
 from tokensieve.kv.train_batch import batch
+from tokensieve.kv.train_grow import grow_into, layer_map
 
 KEY, VALUE, OTHER_KEY, OTHER_VALUE, FILL = 300, 600, 301, 601, 20
 # BOS f NEEDLE k v f NEEDLE k' v' Q k A v   (the question's key row and its A row are labelled with v)
@@ -129,3 +131,25 @@ def test_batch_pads_right_and_masks_padding():
     assert (ids[:, 0] == BOS).all()
     assert (labels[ids == PAD] == -100).all()
     assert ((labels != -100).sum(1) > 0).all()  # every sequence carries answer labels
+
+
+def test_layer_map_keeps_bottom_and_top():
+    assert layer_map(2, 3) == {0: 0, 1: 2}
+    assert layer_map(3, 5) == {0: 0, 1: 1, 2: 4}
+    assert layer_map(2, 2) == {0: 0, 1: 1}
+    with pytest.raises(ValueError, match="cannot grow"):
+        layer_map(3, 2)
+
+
+def test_grown_model_computes_what_the_shallower_one_did():
+    small, deep = _tiny_llama(layers=2), _tiny_llama(layers=3)
+    torch.manual_seed(1)
+    for p in small.parameters():  # not the seed-0 weights deep was built from
+        p.data.normal_(0, 0.05)
+    assert grow_into(deep, small.state_dict()) == [1]
+    ids = torch.tensor([TOKENS])
+    with torch.no_grad():
+        assert torch.allclose(deep(ids).logits, small(ids).logits, atol=1e-6)
+    assert torch.equal(deep.model.layers[2].self_attn.q_proj.weight, small.model.layers[1].self_attn.q_proj.weight)
+    with pytest.raises(ValueError, match="does not fit"):
+        grow_into(_tiny_llama(layers=3), {**small.state_dict(), "extra.weight": torch.zeros(1)})
