@@ -60,3 +60,13 @@ def test_cli_parses_kv_bench(monkeypatch):
     monkeypatch.setattr(cli, "kv_bench", lambda a: seen.update(vars(a)))
     cli.main(["kv-bench", "--methods", "dense,tokenselect", "--keeps", "64", "--n", "3"])
     assert seen["methods"] == "dense,tokenselect" and seen["n"] == 3 and seen["cmd"] == "kv-bench"
+
+
+def test_grid_skips_a_budget_the_method_cannot_run(tmp_path):
+    model = tiny_causal_lm(vocab=768, layers=1)
+    logged = []
+    rows = bench.run_grid(model, ["streaming", "tokenselect"], [16, 48], [128], ["single"], 1, tmp_path / "b.jsonl",
+                          log=logged.append)
+    cells = sorted((r["method"], r["keep"]) for r in rows)
+    assert cells == [("streaming", 16), ("streaming", 48), ("tokenselect", 48)]  # 16 <= n_init + n_local
+    assert any("tokenselect" in line and "skipped" in line and "keep > 36" in line for line in logged)

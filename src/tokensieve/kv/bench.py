@@ -16,6 +16,7 @@ import torch
 
 from .fidelity import summary
 from .methods import make_kv_method
+from .methods.base import KVMethodError
 from .sieve import KVSieve
 from .tasks import make_sample
 
@@ -142,7 +143,11 @@ def run_grid(model, methods: list[str], keeps: list[int], lengths: list[int], ta
                     key = (label, keep, length, task, n)
                     if key in done or keep >= length and label != "dense":
                         continue
-                    row = run_cell(model, label, keep, length, task, n, seed, fidelity_n)
+                    try:
+                        row = run_cell(model, label, keep, length, task, n, seed, fidelity_n)
+                    except KVMethodError as err:  # a budget the method cannot run (checked before any forward)
+                        log(f"{label:>16} keep={keep:<5} L={length:<5} {task:<10} skipped: {err}")
+                        continue
                     append_row(out, row)
                     done.add(key)
                     log(f"{label:>16} keep={keep:<5} L={length:<5} {task:<10} acc={row['accuracy']:.2f} "

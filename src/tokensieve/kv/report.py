@@ -158,6 +158,8 @@ def write_report(rows: list[dict], speed_rows: list[dict], path: str | Path, met
               "## Fidelity (teacher-forced answer steps, last query, mean over layers)", "", fidelity_table(rows), ""]
     if speed_rows:
         parts += ["## Speed (this CPU, paired with dense, medians)", "", speed_table(speed_rows), ""]
+    else:  # the timings live in their own run (python -m tokensieve.kv.speed), not in this grid
+        parts += ["## Speed", "", "Not part of this run: `python -m tokensieve.kv.speed` (docs/kv/speed.md).", ""]
     text = "\n".join(parts)
     Path(path).write_text(text)
     return text
