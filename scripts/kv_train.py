@@ -20,6 +20,9 @@ and the plateau before it forms is far shorter on short sequences.
 where the lookup is a plain induction step (the token after the earlier occurrence of the current one), which a
 small model finds far sooner than the lookup from ``A`` (that needs the key moved there first); evaluation is
 unchanged (the answer after ``Q key A``). Tasks are drawn with ``--task-weights``.
+``--attn-weight W`` adds W times a training-only supervision of the retrieval circuit's attention
+(``tokensieve.kv.train_attention``); ``--grow-from STATE`` starts a deeper model from a shallower run's state
+(``tokensieve.kv.train_grow``). The shipped model's commands: docs/kv/embedded_model.md.
 lr: linear warm-up, then cosine to 10%.
 """
 
