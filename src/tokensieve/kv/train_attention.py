@@ -32,26 +32,28 @@ from .tasks import NEEDLE, Q
 NAME = "tokensieve_kv_supervised"
 
 
+def _needles(tokens: list[int]) -> list[tuple[int, int]]:
+    """(key token, value slot position) of each needle before the first question, in order."""
+    stop = tokens.index(Q) if Q in tokens else len(tokens)
+    return [(tokens[p + 1], p + 2) for p in range(min(stop, len(tokens) - 2)) if tokens[p] == NEEDLE]
+
+
 def value_slots(tokens: list[int]) -> dict[int, list[int]]:
     """Needle value token -> the positions of the value slots holding it (needles before the first question)."""
-    stop = tokens.index(Q) if Q in tokens else len(tokens)
     slots: dict[int, list[int]] = {}
-    for p in range(min(stop, len(tokens) - 2)):
-        if tokens[p] == NEEDLE:
-            slots.setdefault(tokens[p + 2], []).append(p + 2)
+    for _, pos in _needles(tokens):
+        slots.setdefault(tokens[pos], []).append(pos)
     return slots
 
 
 def chain_targets(tokens: list[int]) -> list[tuple[int, list[int]]]:
     """[(value slot, [the value slot of the previous needle with the same key])]: multivalue's ordered walk."""
-    stop = tokens.index(Q) if Q in tokens else len(tokens)
     last: dict[int, int] = {}
     chain = []
-    for p in range(min(stop, len(tokens) - 2)):
-        if tokens[p] == NEEDLE:
-            if tokens[p + 1] in last:
-                chain.append((p + 2, [last[tokens[p + 1]]]))
-            last[tokens[p + 1]] = p + 2
+    for key, pos in _needles(tokens):
+        if key in last:
+            chain.append((pos, [last[key]]))
+        last[key] = pos
     return chain
 
 
