@@ -42,7 +42,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from tokensieve.kv.curriculum import Curriculum, make_schedule
 from tokensieve.kv.embedded import dense_accuracy, task_accuracy
 from tokensieve.kv.tasks import PAD, TASKS, VOCAB, fits
-from tokensieve.kv.train_attention import AttentionSupervisor
+from tokensieve.kv.train_attention import CHAINS, AttentionSupervisor
 from tokensieve.kv.train_batch import batch, draw_length, parse_weights
 from tokensieve.kv.train_grow import grow_into
 
@@ -110,6 +110,8 @@ def arguments() -> argparse.Namespace:
     ap.add_argument("--repeat", type=float, default=0.0, help="share of sequences that are induction copies")
     ap.add_argument("--attn-weight", type=float, default=0.0, help="weight of the training-only attention "
                     "supervision of the lookup circuit (tokensieve.kv.train_attention; 0: off)")
+    ap.add_argument("--chain", default="previous", choices=CHAINS, help="targets of the chain head "
+                    "(tokensieve.kv.train_attention.chain_targets)")
     ap.add_argument("--grow-from", default=None, help="a shallower run's --state: its layers keep the bottom and "
                     "top places, the new middle layers start as the identity (tokensieve.kv.train_grow)")
     ap.add_argument("--no-final", action="store_true", help="skip saving and evaluating (step-time probes)")
@@ -161,7 +163,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**config, attn_implementation="sdpa"))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    sup = AttentionSupervisor(args.layers) if args.attn_weight > 0 else None
+    sup = AttentionSupervisor(args.layers, chain=args.chain) if args.attn_weight > 0 else None
     if sup is not None:
         sup.install(model)
     state_path = Path(args.state) if args.state else Path(args.out) / "train_state.pt"

@@ -10,7 +10,14 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tokensieve.kv.tasks import BOS, NEEDLE, PAD, VOCAB, A, Q
-from tokensieve.kv.train_attention import AttentionSupervisor, Rows, pointer_loss, sequence_targets, value_slots
+from tokensieve.kv.train_attention import (
+    AttentionSupervisor,
+    Rows,
+    chain_targets,
+    pointer_loss,
+    sequence_targets,
+    value_slots,
+)
 from tokensieve.kv.train_batch import batch
 from tokensieve.kv.train_grow import grow_into, layer_map
 
@@ -36,6 +43,20 @@ def test_chain_points_each_repeated_key_at_its_previous_needle():
     prev, chain, lookup = sequence_targets(tokens, labels)
     assert chain == [(10, [3]), (13, [10])]
     assert lookup == [(15, [3]), (16, [3]), (17, [10]), (18, [13])]
+
+
+def test_chain_modes_point_first_slots_at_bos_and_later_ones_at_every_earlier_slot():
+    v1, v2, v3 = 600, 610, 620
+    tokens = [BOS, NEEDLE, KEY, v1, NEEDLE, OTHER_KEY, OTHER_VALUE, NEEDLE, KEY, v2, NEEDLE, KEY, v3, Q, KEY, A]
+    assert chain_targets(tokens) == [(9, [3]), (12, [9])]
+    assert chain_targets(tokens, "previous-sink") == [(3, [0]), (6, [0]), (9, [3]), (12, [9])]
+    assert chain_targets(tokens, "all-sink") == [(3, [0]), (6, [0]), (9, [3]), (12, [3, 9])]
+    with pytest.raises(ValueError, match="modes: previous"):
+        chain_targets(tokens, "latest")
+    sup = AttentionSupervisor(n_layers=3, chain="all-sink")
+    sup.set_batch(torch.tensor([tokens]), torch.full((1, len(tokens)), -100))
+    assert sup.rows[1].row.tolist() == [3, 6, 9, 12]
+    assert sup.rows[1].target[3].nonzero().flatten().tolist() == [3, 9]
 
 
 def test_needles_after_the_question_are_not_targets():

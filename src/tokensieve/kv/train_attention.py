@@ -8,7 +8,7 @@ circuit is known (an induction pair), so its attention patterns are supervised d
   which moves "my previous token is key K" into the value slot and K into the ``A`` row;
 - ``chain`` (layer 1, head 0, models of 3 layers or more): each needle value slot whose key had an earlier
   needle attends to that needle's value slot, which moves the previous value in (multivalue's ordered walk: the
-  row of answer j then finds the slot whose previous value is j);
+  row of answer j then finds the slot whose previous value is j); ``chain_targets`` names the variants;
 - ``lookup`` (last layer, head 0): each labelled row whose target sits in a needle's value slot attends to that
   slot (for multivalue, the j-th needle gives the j-th answer; for vartrack, every hop is one lookup).
 
@@ -46,21 +46,34 @@ def value_slots(tokens: list[int]) -> dict[int, list[int]]:
     return slots
 
 
-def chain_targets(tokens: list[int]) -> list[tuple[int, list[int]]]:
-    """[(value slot, [the value slot of the previous needle with the same key])]: multivalue's ordered walk."""
-    last: dict[int, int] = {}
+CHAINS = ("previous", "previous-sink", "all-sink")
+
+
+def chain_targets(tokens: list[int], mode: str = "previous") -> list[tuple[int, list[int]]]:
+    """[(value slot, [target positions])] of the chain head. ``previous``: a value slot whose key had an earlier
+    needle points at that needle's value slot (the shipped p1-p7 recipe). ``all-sink``: at every earlier value
+    slot of its key, since a head cannot tell the most recent of several far-away matches from the others
+    (the shipped model splits 50/50); ``-sink``: a key's first value slot points at BOS (position 0), so it
+    carries a "first" flag instead of a copy of itself, which competed with the second needle's lookup."""
+    if mode not in CHAINS:
+        raise ValueError(f"unknown chain mode {mode!r}; modes: {', '.join(CHAINS)}")
+    seen: dict[int, list[int]] = {}
     chain = []
     for key, pos in _needles(tokens):
-        if key in last:
-            chain.append((pos, [last[key]]))
-        last[key] = pos
+        earlier = seen.setdefault(key, [])
+        if earlier:
+            chain.append((pos, list(earlier) if mode == "all-sink" else [earlier[-1]]))
+        elif mode != "previous":
+            chain.append((pos, [0]))
+        earlier.append(pos)
     return chain
 
 
 Pointers = list[tuple[int, list[int]]]
 
 
-def sequence_targets(tokens: list[int], labels: list[int]) -> tuple[list[int], Pointers, Pointers]:
+def sequence_targets(tokens: list[int], labels: list[int], chain: str = "previous"
+                     ) -> tuple[list[int], Pointers, Pointers]:
     """(prev rows, chain pointers, lookup pointers) of one training sequence (PAD rows carry label -100); a
     pointer is (row, target positions)."""
     slots = value_slots(tokens)
@@ -68,7 +81,7 @@ def sequence_targets(tokens: list[int], labels: list[int]) -> tuple[list[int], P
     labelled = [i for i, y in enumerate(labels) if y != -100]
     prev = sorted(set(needle_rows + labelled) - {0})
     lookup = [(i, slots[labels[i]]) for i in labelled if labels[i] in slots and max(slots[labels[i]]) <= i]
-    return prev, chain_targets(tokens), lookup
+    return prev, chain_targets(tokens, chain), lookup
 
 
 @dataclass
@@ -106,6 +119,7 @@ class AttentionSupervisor:
 
     n_layers: int
     head: int = 0
+    chain: str = "previous"  # chain_targets' mode
     rows: dict[int, Rows | None] = field(default_factory=dict)
     losses: list[torch.Tensor] = field(default_factory=list)
 
@@ -121,7 +135,7 @@ class AttentionSupervisor:
     def set_batch(self, ids: torch.Tensor, labels: torch.Tensor) -> None:
         prev, chain, lookup = [], [], []
         for b, (t, y) in enumerate(zip(ids.tolist(), labels.tolist(), strict=True)):
-            p, ch, lk = sequence_targets(t, y)
+            p, ch, lk = sequence_targets(t, y, self.chain)
             prev += [(b, i, [i - 1]) for i in p]
             chain += [(b, i, pos) for i, pos in ch]
             lookup += [(b, i, pos) for i, pos in lk]
