@@ -112,6 +112,8 @@ def arguments() -> argparse.Namespace:
                     "supervision of the lookup circuit (tokensieve.kv.train_attention; 0: off)")
     ap.add_argument("--chain", default="previous", choices=CHAINS, help="targets of the chain head "
                     "(tokensieve.kv.train_attention.chain_targets)")
+    ap.add_argument("--group", type=float, default=0.0, help="share of distractor needles that join the previous "
+                    "one's key (multivalue-like groups, asked in full; tokensieve.kv.tasks.group_keys)")
     ap.add_argument("--grow-from", default=None, help="a shallower run's --state: its layers keep the bottom and "
                     "top places, the new middle layers start as the identity (tokensieve.kv.train_grow)")
     ap.add_argument("--no-final", action="store_true", help="skip saving and evaluating (step-time probes)")
@@ -182,7 +184,8 @@ def main() -> None:
             length = rng.choices(*cur.mix(args.replay))[0]
         else:
             length = draw_length(frac, rng, lengths, weights, args.warm_frac, warm_lengths)
-        ids, labels = batch(rng, length, args.tokens_per_step, args.extra, task_weights, args.key_label, args.repeat)
+        ids, labels = batch(rng, length, args.tokens_per_step, args.extra, task_weights, args.key_label, args.repeat,
+                             args.group)
         for group in opt.param_groups:  # curriculum: constant lr after warm-up (the run's length is not known)
             group["lr"] = lr_at(step, 0.0 if cur else frac, args.lr, args.warmup)
         loss = train_step(model, opt, ids, labels, sup, args.attn_weight)

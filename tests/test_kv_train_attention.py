@@ -174,3 +174,33 @@ def test_grown_model_computes_what_the_shallower_one_did():
     assert torch.equal(deep.model.layers[2].self_attn.q_proj.weight, small.model.layers[1].self_attn.q_proj.weight)
     with pytest.raises(ValueError, match="does not fit"):
         grow_into(_tiny_llama(layers=3), {**small.state_dict(), "extra.weight": torch.zeros(1)})
+
+
+def test_group_keys_makes_consecutive_groups_of_at_most_three():
+    from tokensieve.kv.tasks import group_keys
+
+    others = [[NEEDLE, 300 + i, 600 + i] for i in range(7)]
+    group_keys(others, random.Random(0), share=1.0)
+    assert [k for _, k, _ in others] == [300, 300, 300, 303, 303, 303, 306]
+    untouched = [[NEEDLE, 300 + i, 600 + i] for i in range(7)]
+    group_keys(untouched, random.Random(0), share=0.0)
+    assert [k for _, k, _ in untouched] == list(range(300, 307))
+
+
+def test_grouped_distractors_are_asked_in_full_and_feed_the_chain():
+    from tokensieve.kv.tasks import training_sequence
+
+    tokens, labels = training_sequence(512, random.Random(1), extra=16, task="multikey", group=1.0)
+    first_q = tokens.index(Q)
+    tail, tail_labels = tokens[first_q:], labels[first_q:]
+    starts = [i for i, t in enumerate(tail) if t == Q]
+    asked = {}
+    for a, b in zip(starts, [*starts[1:], len(tail)], strict=True):
+        key, values = tail[a + 1], tail[a + 3 : b]
+        assert tail_labels[a + 2 : b] == values + [-100]  # A -> v1, v1 -> v2, ..., last value unlabelled
+        asked[key] = values
+    needles = [(tokens[p + 1], tokens[p + 2]) for p in range(first_q) if tokens[p] == NEEDLE]
+    for key, values in asked.items():
+        assert [v for k, v in needles if k == key] == values  # every value of the group, in order of appearance
+    assert any(len(v) == 3 for v in asked.values())
+    assert len(sequence_targets(tokens, labels)[1]) >= 2  # the groups give the chain head rows

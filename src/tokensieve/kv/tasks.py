@@ -33,8 +33,18 @@ class Sample:
     others: list[tuple[int, int]]  # (key, value) of the distractor needles, for extra training questions
 
 
+def group_keys(others: list[list[int]], rng: random.Random, share: float, most: int = 3) -> None:
+    """In place: each distractor needle takes the key of the one before it with probability ``share`` (groups of
+    at most ``most`` values), which makes multivalue-like key groups among the distractors (training only)."""
+    size = 1
+    for prev, needle in zip(others, others[1:], strict=False):
+        size = size + 1 if size < most and rng.random() < share else 1
+        if size > 1:
+            needle[1] = prev[1]
+
+
 def _needles(task: str, rng: random.Random, n_distract: int) -> tuple[list[list[int]], list[int], int]:
-    """(needles, answer, key asked); needles in order of appearance."""
+    """(needles, answer, key asked, distractor needles); needles in order of appearance."""
     keys = rng.sample(range(*KEYS), 24)
     vals = [rng.randrange(*VALUES) for _ in keys]
     if task == "vartrack":
@@ -52,11 +62,14 @@ def _needles(task: str, rng: random.Random, n_distract: int) -> tuple[list[list[
     return [needles[i]], [vals[i]], keys[i], [x for j, x in enumerate(needles) if j != i]
 
 
-def make_sample(task: str, length: int, rng: random.Random, n_distract: int = 0) -> Sample:
-    """A prompt of exactly ``length`` tokens (BOS ... Q key A) and its answer."""
+def make_sample(task: str, length: int, rng: random.Random, n_distract: int = 0, group: float = 0.0) -> Sample:
+    """A prompt of exactly ``length`` tokens (BOS ... Q key A) and its answer; ``group``: ``group_keys``'s share
+    (0 draws exactly what it always did)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
     ordered, answer, key, others = _needles(task, rng, n_distract)
+    if group > 0:
+        group_keys(others, rng, group)
     blocks = [(b, True) for b in ordered] + [(b, False) for b in others]
     body = length - 1 - 3
     n_fill = body - sum(len(b) for b, _ in blocks)
@@ -84,21 +97,27 @@ def make_sample(task: str, length: int, rng: random.Random, n_distract: int = 0)
 
 
 def training_sequence(length: int, rng: random.Random, extra: int = 6, task: str | None = None,
-                      distract: tuple[int, int] = (4, 16), key_label: bool = False) -> tuple[list[int], list[int]]:
+                      distract: tuple[int, int] = (4, 16), key_label: bool = False,
+                      group: float = 0.0) -> tuple[list[int], list[int]]:
     """(tokens, labels) for training: a task (``task``, or drawn uniformly), its question and answer, then up to
     ``extra`` questions on distractor needles (``randrange(*distract)`` of them; multikey always has 15).
     labels[i] is the target of position i (already shifted); -100 off-answer. ``key_label``: the question's key
     token is also labelled with the first answer token (an auxiliary target in place of the trivial ``A``: there
-    the lookup is a plain induction step, "the token after the earlier occurrence of me")."""
+    the lookup is a plain induction step, "the token after the earlier occurrence of me"). ``group``: share of
+    distractors that join the previous one's key (``group_keys``); such a key's question lists all its values."""
     task = task or rng.choice(TASKS)
-    sample = make_sample(task, length, rng, n_distract=rng.randrange(*distract))
+    sample = make_sample(task, length, rng, n_distract=rng.randrange(*distract), group=group)
     tokens = sample.prompt + sample.answer
     labels = [-100] * (len(sample.prompt) - 1) + sample.answer + [-100]
     if key_label:
         labels[len(sample.prompt) - 2] = sample.answer[0]
-    for key, value in rng.sample(sample.others, min(extra, len(sample.others))):  # MQAR-style extra questions
-        tokens += [Q, key, A, value]
-        labels += [-100, value if key_label else -100, value, -100]
+    groups: dict[int, list[int]] = {}
+    for key, value in sample.others:  # in order of appearance
+        groups.setdefault(key, []).append(value)
+    for key in rng.sample(list(groups), min(extra, len(groups))):  # MQAR-style extra questions
+        values = groups[key]
+        tokens += [Q, key, A, *values]
+        labels += [-100, values[0] if key_label else -100, *values, -100]
     return tokens, labels
 
 

@@ -15,7 +15,8 @@ def parse_weights(text: str) -> tuple[list[int], list[float]]:
 
 
 def batch(rng: random.Random, length: int, tokens_per_step: int, extra: int, task_weights: list[float],
-          key_label: bool = False, repeat: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+          key_label: bool = False, repeat: float = 0.0,
+          group: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     n = max(1, tokens_per_step // length)
     seqs = []
     short = length < 128  # warm-up lengths: fewer distractors, and no multikey (its 16 needles do not fit)
@@ -26,7 +27,8 @@ def batch(rng: random.Random, length: int, tokens_per_step: int, extra: int, tas
             seqs.append(repeat_sequence(length, rng))
             continue
         task = rng.choices(TASKS, weights=weights)[0]
-        seqs.append(training_sequence(length, rng, extra=extra, task=task, distract=distract, key_label=key_label))
+        seqs.append(training_sequence(length, rng, extra=extra, task=task, distract=distract, key_label=key_label,
+                                       group=group))
     width = max(len(t) for t, _ in seqs)
     ids = torch.full((n, width), PAD, dtype=torch.long)
     labels = torch.full((n, width), -100, dtype=torch.long)
