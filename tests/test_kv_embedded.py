@@ -15,9 +15,9 @@ from tokensieve.kv.tasks import TASKS, make_sample
 pytestmark = pytest.mark.skipif(not (MODEL_DIR / "model.safetensors").exists(), reason="embedded KV model not built")
 
 IN_DISTRIBUTION = (512, 1024, 2048)
-# meta.json "check" (n=10) measured single 1.0/1.0, multikey 0.9/1.0, multivalue 1.0/0.7, vartrack 1.0/1.0 at 512/1024;
+# meta.json "check" (n=10) measured 1.0 on every task at 512 and 1024;
 # an untrained model scores ~0 (an answer is 1 of 256 tokens)
-FLOORS = {"single": 0.8, "multikey": 0.8, "multivalue": 0.3, "vartrack": 0.8}
+FLOORS = {"single": 0.8, "multikey": 0.8, "multivalue": 0.6, "vartrack": 0.8}
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +31,9 @@ def test_embedded_model_loads_and_is_small(model):
     assert (MODEL_DIR / "model.safetensors").stat().st_size < 8_000_000
 
 
-@pytest.mark.xfail(strict=True, reason="NOT MET YET: multivalue 0.60-0.80 at 512-4096 against the issue's 95% bar "
-                   "(meta.json, n=30); single 1.00, multikey 0.97-1.00 and vartrack 0.97-1.00 meet it "
-                   "(docs/kv/embedded_model.md)")
+@pytest.mark.xfail(strict=True, reason="NOT MET YET: multivalue 0.80-0.90 at 512-4096 and vartrack 0.93 at "
+                   "2048 against the issue's 95% bar (meta.json, n=30); single 1.00 and multikey 0.97-1.00 meet "
+                   "it (docs/kv/embedded_model.md)")
 def test_meta_claims_the_accuracy_bar_in_distribution():
     acc = embedded_meta()["dense_accuracy"]
     for length in IN_DISTRIBUTION:
