@@ -22,7 +22,8 @@ small model finds far sooner than the lookup from ``A`` (that needs the key move
 unchanged (the answer after ``Q key A``). Tasks are drawn with ``--task-weights``.
 ``--attn-weight W`` adds W times a training-only supervision of the retrieval circuit's attention
 (``tokensieve.kv.train_attention``); ``--grow-from STATE`` starts a deeper model from a shallower run's state
-(``tokensieve.kv.train_grow``). The shipped model's commands: docs/kv/embedded_model.md.
+(``tokensieve.kv.train_grow``); ``--chain`` picks the chain head's targets and ``--group`` makes key groups among
+the distractors (training only). The shipped model's commands: docs/kv/embedded_model.md.
 lr: linear warm-up, then cosine to 10%.
 """
 
