@@ -43,7 +43,8 @@ def group_keys(others: list[list[int]], rng: random.Random, share: float, most: 
             needle[1] = prev[1]
 
 
-def _needles(task: str, rng: random.Random, n_distract: int) -> tuple[list[list[int]], list[int], int]:
+def _needles(task: str, rng: random.Random, n_distract: int
+             ) -> tuple[list[list[int]], list[int], int, list[list[int]]]:
     """(needles, answer, key asked, distractor needles); needles in order of appearance."""
     keys = rng.sample(range(*KEYS), 24)
     vals = [rng.randrange(*VALUES) for _ in keys]

@@ -51,9 +51,9 @@ CHAINS = ("previous", "previous-sink", "all-sink")
 
 def chain_targets(tokens: list[int], mode: str = "previous") -> list[tuple[int, list[int]]]:
     """[(value slot, [target positions])] of the chain head. ``previous``: a value slot whose key had an earlier
-    needle points at that needle's value slot (the shipped p1-p7 recipe). ``all-sink``: at every earlier value
-    slot of its key, since a head cannot tell the most recent of several far-away matches from the others
-    (the shipped model splits 50/50); ``-sink``: a key's first value slot points at BOS (position 0), so it
+    needle points at that needle's value slot (the p1-p7 recipe). ``all-sink``: at every earlier value slot of
+    its key, since a head cannot tell the most recent of several far-away matches from the others (p7 split
+    50/50); ``-sink``: a key's first value slot points at BOS (position 0), so it
     carries a "first" flag instead of a copy of itself, which competed with the second needle's lookup."""
     if mode not in CHAINS:
         raise ValueError(f"unknown chain mode {mode!r}; modes: {', '.join(CHAINS)}")
